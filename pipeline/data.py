@@ -1,0 +1,135 @@
+"""Load a stage's rows from local files, the hub, or the embedded demo, and check them before training.
+
+Every source goes through `load_rows`, so user data and the demo data take the same path.
+A row that cannot be used stops the stage before training with an error naming the file,
+the row and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import DataSection
+from pipeline.errors import DataError
+from pipeline import movie_reviews
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def resolve_source(source: str, data_dir: Path) -> str:
+    """A `movie-reviews:<split>` source becomes its JSONL path; anything else is returned as is."""
+    if source.startswith(movie_reviews.PREFIX):
+        try:
+            return str(movie_reviews.split_path(source, data_dir))
+        except ValueError as err:
+            raise DataError(str(err)) from None
+    return source
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix in LOCAL_FORMATS or source.startswith((".", "/", "~")) or os.path.exists(source)
+
+
+def load_dataset_any(source: str, split: str, what: str):
+    """A `datasets.Dataset` from a local JSONL/JSON/parquet/CSV file or a hub dataset name."""
+    import datasets
+
+    if _is_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"{what}: data file not found: {path}")
+        fmt = LOCAL_FORMATS.get(path.suffix)
+        if fmt is None:
+            raise DataError(f"{what}: {path}: unsupported format; use one of {', '.join(LOCAL_FORMATS)}")
+        if path.stat().st_size == 0:
+            raise DataError(f"{what}: {path}: file is empty")
+        try:
+            return datasets.load_dataset(fmt, data_files=str(path), split="train")
+        except Exception as err:  # datasets wraps parse errors in several types
+            raise DataError(f"{what}: {path}: cannot be read as {fmt} ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]})") from None
+    if not _hub_reachable():
+        raise DataError(f"{what}: '{source}' is not a local file and the Hugging Face hub is offline")
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as err:
+        raise DataError(f"{what}: cannot load hub dataset '{source}' split '{split}': "
+                        f"{str(err).splitlines()[0][:200]}") from None
+
+
+def _check_value(value: Any, field: str) -> str | None:
+    """Why `value` is unusable for `field`, or None when it is fine."""
+    if value is None:
+        return f"field '{field}' is missing"
+    if field == "messages":
+        if not isinstance(value, list) or not value:
+            return "field 'messages' must be a non-empty list of {role, content}"
+        for turn in value:
+            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str) or not turn.get("role"):
+                return "field 'messages' holds a turn without role/content"
+        return None
+    if isinstance(value, list):  # conversational prompt/completion
+        return None if value else f"field '{field}' is empty"
+    if not isinstance(value, str):
+        return f"field '{field}' must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return f"field '{field}' is an empty string"
+    return None
+
+
+def validate_rows(ds, fields: list[str], where: str) -> None:
+    """Stop before training on an empty dataset or the first row with a missing or empty field."""
+    if len(ds) == 0:
+        raise DataError(f"{where}: dataset is empty")
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: row 1: field '{missing[0]}' is missing (columns: {', '.join(ds.column_names)})")
+    for i, row in enumerate(ds.select_columns(fields)):
+        for field in fields:
+            problem = _check_value(row[field], field)
+            if problem:
+                raise DataError(f"{where}: row {i + 1}: {problem}")
+
+
+def load_rows(
+    data: DataSection,
+    *,
+    split: str,
+    fields: list[str],
+    data_dir: Path,
+    what: str,
+    optional_fields: tuple[str, ...] = (),
+):
+    """Load the `train` or `eval` source of a stage's data section, renamed and checked.
+
+    `fields` are the stage's own names (prompt, completion, ...); `data.columns` maps them to the
+    dataset's names. Returns None when `eval` is requested but not configured.
+    """
+    source = data.train if split == "train" else data.eval
+    if source is None:
+        if split == "train":
+            raise DataError(f"{what}.data.train: no training data configured")
+        return None
+    path = resolve_source(source, data_dir)
+    ds = load_dataset_any(path, data.split if split == "train" else data.eval_split, f"{what}.data.{split}")
+    renames = {theirs: ours for ours, theirs in data.columns.items() if theirs in ds.column_names and theirs != ours}
+    if renames:
+        ds = ds.rename_columns(renames)
+    if split == "train" and data.max_samples is not None:
+        ds = ds.select(range(min(data.max_samples, len(ds))))
+    validate_rows(ds, fields, path)
+    keep = [c for c in ds.column_names if c in fields or c in optional_fields]
+    return ds.select_columns(keep)

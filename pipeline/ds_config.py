@@ -1,0 +1,96 @@
+"""Resolve a stage's DeepSpeed config: preset or inline dict, with batch sizes filled from the stage.
+
+Users pick `zero0`..`zero3` (or an offload preset) by name and never hand-match
+`train_batch_size = micro * accum * world`: every "auto" is resolved here from the stage config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(spec: str | dict[str, Any], key: str = "deepspeed.config") -> dict[str, Any]:
+    """A preset name (configs/deepspeed/<name>.json), a JSON file path, or an inline dict."""
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec)
+    path = Path(spec)
+    if path.suffix != ".json":
+        path = PRESET_DIR / f"{spec}.json"
+        if not path.exists():
+            raise ConfigError(key, f"unknown preset '{spec}'; choices: {', '.join(preset_names())} or a .json path")
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(key, f"DeepSpeed config file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(key, f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg})") from None
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def resolve(
+    spec: str | dict[str, Any],
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    max_grad_norm: float | None,
+    key: str = "deepspeed.config",
+) -> dict[str, Any]:
+    """A complete DeepSpeed config dict with no "auto" left in the fields we own."""
+    ds = load_preset(spec, key)
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = micro_batch * grad_accum * world_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        if max_grad_norm is None:
+            ds.pop("gradient_clipping", None)
+        else:
+            ds["gradient_clipping"] = max_grad_norm
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = bf16_supported()  # fp32 on CPU
+    if ds.get("fp16", {}).get("enabled") == "auto":
+        ds["fp16"]["enabled"] = False
+    stage = zero_stage(ds)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(key, f"zero_optimization.stage must be 0-3 (got {stage})")
+    return ds
+
+
+def inference_config(train_ds: dict[str, Any], micro_batch: int, world_size: int) -> dict[str, Any]:
+    """Config for a frozen model: ZeRO-3 when the trained model is ZeRO-3 (so it shards too), else stage 0."""
+    stage = 3 if zero_stage(train_ds) == 3 else 0
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        src = train_ds.get("zero_optimization", {})
+        for k in ("stage3_param_persistence_threshold", "offload_param"):
+            if k in src:
+                zero[k] = copy.deepcopy(src[k])
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train_ds.get("bf16", {}).get("enabled", False)},
+        "steps_per_print": 1000000,
+    }

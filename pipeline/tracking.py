@@ -1,0 +1,114 @@
+"""Experiment tracking: one W&B run per stage, logged from rank 0 only.
+
+Other ranks (and `tracking: none`) get a NullTracker with the same methods, so stage code
+never branches on rank to log. The run id lives in the stage dir, so a resumed stage continues
+the same W&B run. A tracker failure is reported once and never stops training.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrackingSection
+
+SECRET_MARKERS = ("key", "token", "secret", "password")
+
+
+def scrub(obj: Any) -> Any:
+    """Drop values whose key looks like a credential, at any depth."""
+    if isinstance(obj, dict):
+        return {
+            k: ("<redacted>" if any(m in str(k).lower() for m in SECRET_MARKERS) and isinstance(v, str) else scrub(v))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def wandb_mode(cfg: TrackingSection) -> str:
+    if cfg.mode != "auto":
+        return cfg.mode
+    if os.environ.get("WANDB_MODE") in ("offline", "online", "disabled"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    netrc = Path.home() / ".netrc"
+    if not has_key and netrc.exists():
+        has_key = "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return "online" if has_key else "offline"
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None: ...
+    def summary(self, metrics: dict[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+class WandbTracker:
+    """A W&B run for one stage of one pipeline run."""
+
+    def __init__(self, cfg: TrackingSection, *, run_name: str, stage: str, stage_dir: Path, config: dict[str, Any]):
+        import wandb
+
+        self._wandb = wandb
+        self._warned = False
+        self.mode = wandb_mode(cfg)
+        id_file = stage_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+        self.run_id = run_id
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=run_name,
+            job_type=stage,
+            name=f"{run_name}-{stage}",
+            id=run_id,
+            resume="allow",
+            dir=str(stage_dir),
+            tags=cfg.tags or None,
+            notes=cfg.notes,
+            config=scrub(config),
+            mode=self.mode,
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        )
+
+    def _guard(self, fn, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:  # the tracker going away must never stop training
+            if not self._warned:
+                print(f"warning: W&B logging failed ({err}); training continues", file=sys.stderr)
+                self._warned = True
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self._guard(self.run.log, metrics, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
+        self._guard(lambda: self.run.log({key: self._wandb.Table(columns=columns, data=rows)}, step=step))
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        self._guard(lambda: self.run.summary.update(metrics))
+
+    def finish(self) -> None:
+        self._guard(self.run.finish)
+        if self.mode == "offline":
+            print(f"W&B run saved offline; upload with: wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
+
+
+def make_tracker(cfg: TrackingSection, *, rank: int, run_name: str, stage: str, stage_dir: Path,
+                 config: dict[str, Any]):
+    if cfg.backend == "none" or rank != 0:
+        return NullTracker()
+    try:
+        return WandbTracker(cfg, run_name=run_name, stage=stage, stage_dir=stage_dir, config=config)
+    except Exception as err:
+        print(f"warning: W&B could not start ({err}); continuing without tracking", file=sys.stderr)
+        return NullTracker()

@@ -1,0 +1,103 @@
+"""The process the DeepSpeed launcher starts on every rank: run one stage of a run dir.
+
+    python -m deepspeed.launcher.runner ... --module pipeline.worker --run-dir RUN --stage sft
+
+It reads the resolved config the orchestrator wrote, finds the stage's inputs through the
+previous manifests, runs the stage, and (rank 0) publishes `final/` with its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from pipeline.checkpoint import make_manifest, now, publish_dir, write_json
+from pipeline.config import load_config
+from pipeline.context import StageContext
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir, semantic_stage_config, stage_fingerprint, stage_inputs
+from pipeline.tracking import make_tracker
+from pipeline.typed import to_dict
+
+
+def init_distributed() -> tuple[int, int, int]:
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend) if backend else deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None) -> None:
+    from stages import load_stage
+
+    cfg = load_config(run_dir.config_path)
+    inputs = stage_inputs(cfg, stage, run_dir)
+    fingerprint = stage_fingerprint(cfg, stage, inputs)
+    rank, world_size, local_rank = init_distributed()
+
+    import transformers
+
+    transformers.set_seed(cfg.run.seed)
+    tracker = make_tracker(
+        cfg.tracking, rank=rank, run_name=cfg.run.name, stage=stage, stage_dir=run_dir.stage_dir(stage),
+        config={"run": to_dict(cfg.run), stage: to_dict(cfg.stage(stage)),
+                "deepspeed": to_dict(cfg.stage_deepspeed(stage)), "config_hash": fingerprint},
+    )
+    ctx = StageContext(
+        name=stage, config=cfg, run_dir=run_dir, inputs=inputs, config_hash=fingerprint,
+        deepspeed=cfg.stage_deepspeed(stage), tracker=tracker, rank=rank, world_size=world_size,
+        local_rank=local_rank, resume_from=resume_from, started_at=now(),
+    )
+    if ctx.is_main and ctx.staging_final.exists():
+        shutil.rmtree(ctx.staging_final)  # left by a crash; never a published checkpoint
+    barrier()
+
+    metrics = load_stage(stage).run(ctx)
+
+    barrier()
+    if ctx.is_main:
+        manifest = make_manifest(
+            stage=stage, config_hash=fingerprint, stage_config=semantic_stage_config(cfg, stage),
+            inputs=inputs, metrics=metrics, started_at=ctx.started_at, world_size=world_size,
+            extra={"checkpoint": str(run_dir.final_dir(stage)), "run_name": cfg.run.name,
+                   "wandb_run_id": tracker.run_id, **ctx.extra_manifest},
+        )
+        write_json(ctx.staging_final / "manifest.json", manifest)
+        publish_dir(ctx.staging_final, run_dir.final_dir(stage))
+        tracker.summary({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    tracker.finish()
+    barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pipeline.worker")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--stage", required=True)
+    parser.add_argument("--resume-from", default=None)
+    parser.add_argument("--local_rank", type=int, default=None)  # passed by the DeepSpeed launcher
+    args = parser.parse_args(argv)
+    try:
+        run_stage(RunDir(Path(args.run_dir)), args.stage, Path(args.resume_from) if args.resume_from else None)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RLHF_DEBUG"):
+            traceback.print_exc()
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()
