@@ -1,0 +1,134 @@
+"""Batched sampling with the KV cache, shared by PPO rollouts, evaluation and `rlhf generate`/`chat`.
+
+The loop is ours rather than `model.generate` because at RLHF sizes the per-token framework
+overhead dominates: each step here is one cached forward of the newest token plus the sampler,
+with no logits processors, stopping-criteria objects or host syncs beyond one `all()` per token.
+Under ZeRO-3, `gathered_for_generation` materialises the actor's weights once per rollout batch
+and takes DeepSpeed's per-module hooks off, so no token pays for an all-gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids [B, P], mask [B, P]) padded on the left, so every prompt ends at column P-1."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> list[list[int]]:
+    """Prompt ids formatted as a user turn with the chat template (when the tokenizer has one).
+
+    Keeps the last `max_len` tokens, so the generation prompt that ends the template survives.
+    """
+    if tokenizer.chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+    else:
+        texts = prompts
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [x[-max_len:] for x in ids]
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (left padding gets 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from logits [B, V]; temperature then nucleus (top-p) filtering."""
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the mass before it already reaches top_p; the first token always stays
+        drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample responses [B, max_new_tokens] for left-padded prompts; after EOS a row holds `pad_id`.
+
+    Stops early once every row has produced EOS (the returned width is then smaller).
+    """
+    from transformers import DynamicCache
+
+    batch, width = prompt_ids.shape
+    device = prompt_ids.device
+    attention = torch.cat([prompt_mask, torch.ones((batch, max_new_tokens), dtype=prompt_mask.dtype, device=device)], 1)
+    positions = position_ids_from_mask(prompt_mask)
+    cache = DynamicCache()
+    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True).logits[:, -1]
+    next_position = positions[:, -1:] + 1
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        token = sample_token(logits, temperature, top_p, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens[:, t] = token
+        done |= token == eos_id
+        if t == max_new_tokens - 1 or bool(done.all()):
+            return tokens[:, : t + 1]
+        logits = model(input_ids=token[:, None], attention_mask=attention[:, : width + t + 1],
+                       position_ids=next_position + t, past_key_values=cache, use_cache=True).logits[:, -1]
+    return tokens
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1.0 up to and including the first EOS of each row, 0.0 after it. [B, T] float."""
+    is_eos = (responses == eos_id).long()
+    after_eos = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_eos).float()
+
+
+def ended_with_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    return (responses == eos_id).any(-1)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine) -> Iterator[torch.nn.Module]:
+    """The engine's module with full weights for a whole rollout: gathered once under ZeRO-3.
+
+    Outside ZeRO-3 this just yields the module. Under ZeRO-3 it gathers every parameter once and
+    removes DeepSpeed's per-module fetch hooks for the duration (TRL's helpers), then restores them.
+    """
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    if stage != 3:
+        yield engine.module
+        return
+    import deepspeed
+    from trl.models.utils import add_hooks, remove_hooks
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        remove_hooks(engine)
+        try:
+            yield engine.module
+        finally:
+            add_hooks(engine)

@@ -1,0 +1,155 @@
+"""The four PPO models as DeepSpeed engines: actor, critic (trained), reference, reward (frozen).
+
+The critic and the reward model share one shape: a sequence classifier whose one-output `score`
+head is applied to every position (`TokenValueModel`). The critic reads a value per token; the
+reward model reads the value at the last real token, exactly where the reward trainer pooled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from pipeline import ds_config
+from pipeline.context import StageContext
+from pipeline.errors import UserError
+from pipeline.models import check_model_tokenizer, load_model
+
+
+class TokenValueModel(torch.nn.Module):
+    """A one-output sequence classifier read at every token: values [B, T]."""
+
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier = classifier
+        self.backbone = getattr(classifier, classifier.base_model_prefix)
+        self.head = classifier.score
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+@contextlib.contextmanager
+def zero3_init(ds: dict[str, Any]) -> Iterator[None]:
+    """While loading, let `from_pretrained` partition weights on arrival (zero.Init) under ZeRO-3.
+
+    Transformers reads the DeepSpeed config through a global weak reference; each model gets its
+    own config here and the reference is cleared after, so a ZeRO-0 reference model loaded next
+    is not partitioned by the actor's settings.
+    """
+    if ds_config.zero_stage(ds) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds)
+    try:
+        yield
+    finally:
+        del keep
+        unset_hf_deepspeed_config()
+
+
+def _optimizer(params, lr: float, weight_decay: float, ds: dict[str, Any]):
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _scheduler(optimizer, name: str, warmup: int, total: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def _engine(model, ds: dict[str, Any], lr: float | None = None, weight_decay: float = 0.0,
+            scheduler: tuple[str, int, int] | None = None):
+    import deepspeed
+
+    if lr is None:  # frozen: forward only
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=ds)
+        return engine
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, lr, weight_decay, ds)
+    lr_scheduler = _scheduler(optimizer, *scheduler) if scheduler else None
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds)
+    return engine
+
+
+@dataclass
+class PPOModels:
+    actor: Any  # DeepSpeedEngine over a causal LM (possibly a peft model)
+    critic: Any  # DeepSpeedEngine over TokenValueModel
+    reference: Any | None  # DeepSpeedEngine over a causal LM; None when the actor's LoRA base serves
+    reward: Any  # DeepSpeedEngine over TokenValueModel
+    actor_ds: dict[str, Any]
+    uses_lora: bool
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_models(ctx: StageContext, tokenizer, total_updates: int) -> PPOModels:
+    cfg = ctx.section
+    local_minibatch = cfg.minibatch_size // ctx.world_size
+    local_rollout = cfg.rollout_batch_size // ctx.world_size
+
+    def train_ds(overrides: dict[str, Any]) -> dict[str, Any]:
+        ds = ds_config.resolve(ctx.deepspeed.config, micro_batch=local_minibatch, grad_accum=1,
+                               world_size=ctx.world_size, max_grad_norm=cfg.max_grad_norm, key="ppo.deepspeed.config")
+        return _merge(ds, overrides)
+
+    actor_ds = train_ds(cfg.actor_deepspeed)
+    critic_ds = train_ds(cfg.critic_deepspeed)
+    frozen_ds = ds_config.inference_config(actor_ds, local_rollout, ctx.world_size)
+    sched = (cfg.lr_scheduler, cfg.warmup_steps, total_updates)
+
+    with zero3_init(actor_ds):
+        actor = load_model(ctx.input_path("actor"), what="ppo.input")
+    check_model_tokenizer(actor, tokenizer, "ppo.input")
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        actor = get_peft_model(actor, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    actor.config.use_cache = False
+    actor_engine = _engine(actor, actor_ds, cfg.lr, cfg.weight_decay, sched)
+
+    reference = None
+    if cfg.lora is None:  # with LoRA, the reference is the actor's base with adapters disabled
+        with zero3_init(frozen_ds):
+            reference = _engine(load_model(ctx.input_path("actor"), what="ppo.input"), frozen_ds)
+
+    def value_model(key: str, what: str, fresh_head_ok: bool) -> TokenValueModel:
+        # A critic may start from any checkpoint (a new one-output head is made if needed);
+        # a reward model must already be a one-output classifier.
+        kwargs = {"num_labels": 1} if fresh_head_ok else {}
+        classifier = load_model(ctx.input_path(key), kind="seq_cls", what=what, **kwargs)
+        if classifier.config.num_labels != 1:
+            raise UserError(f"{what}: {ctx.input_path(key)} has {classifier.config.num_labels} outputs; "
+                            "a reward model must have exactly one")
+        classifier.config.pad_token_id = tokenizer.pad_token_id
+        return TokenValueModel(classifier)
+
+    with zero3_init(critic_ds):
+        critic = value_model("critic", "ppo.critic", fresh_head_ok=True)
+    critic_engine = _engine(critic, critic_ds, cfg.critic_lr, cfg.weight_decay, sched)
+    with zero3_init(frozen_ds):
+        reward = _engine(value_model("reward_model", "ppo.reward_model", fresh_head_ok=False), frozen_ds)
+    return PPOModels(actor_engine, critic_engine, reference, reward, actor_ds, cfg.lora is not None)

@@ -1,0 +1,32 @@
+"""The end of the PPO stage: judge the new policy against the SFT policy it started from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.context import StageContext
+from pipeline.evaluation import eval_prompts, evaluate_policies, format_table, headline
+
+
+def evaluate_after_training(ctx: StageContext) -> dict[str, Any]:
+    """Rank 0 generates from both policies on held-out prompts with fixed seeds and judges them.
+
+    Reads the just-saved actor from the staging dir, so it runs on plain models, not engines.
+    """
+    cfg = ctx.config
+    if not cfg.eval.enabled or not ctx.is_main:
+        return {}
+    prompts = eval_prompts(cfg, ctx.run_dir.data_dir)
+    if not prompts:
+        return {}
+    sft = ctx.input_path("actor")
+    results = evaluate_policies(
+        {"sft": sft, "ppo": str(ctx.staging_final)}, reference=sft, prompts=prompts, judge_spec=cfg.eval.judge,
+        max_new_tokens=cfg.eval.max_new_tokens or ctx.section.max_new_tokens, temperature=cfg.eval.temperature,
+        top_p=cfg.eval.top_p, seed=cfg.eval.seed, reward_model=ctx.input_path("reward_model"),
+        device=ctx.device,
+    )
+    results["policies"]["ppo"]["path"] = str(ctx.run_dir.final_dir("ppo"))
+    ctx.extra_manifest["evaluation"] = results
+    print(format_table(results), flush=True)
+    return headline(results)

@@ -1,0 +1,142 @@
+"""PPO phases 1-3 for one rollout batch on one rank: rollout, score, advantages.
+
+Shapes: B = this rank's rollout batch, P = prompt width (left-padded), T = response width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.generation import gathered_for_generation, position_ids_from_mask, response_mask, sample
+from stages.ppo import maths
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [B, P] left-padded prompt tokens
+    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
+    responses: torch.Tensor  # [B, T] sampled tokens, pad after EOS
+    mask: torch.Tensor  # [B, T] float, 1.0 through the first EOS
+    ended: torch.Tensor  # [B] bool, response contains EOS
+
+
+@dataclass
+class Experience:
+    rollout: Rollout
+    logprobs: torch.Tensor  # [B, T] actor log-probs at sampling time (the "old" policy)
+    ref_logprobs: torch.Tensor  # [B, T] reference log-probs
+    values: torch.Tensor  # [B, T] critic values before each response token
+    raw_scores: torch.Tensor  # [B] reward model at the last real token
+    scores: torch.Tensor  # [B] after missing-EOS penalty, normalisation and clipping
+    kl: torch.Tensor  # [B, T] per-token KL estimate used in the reward
+    rewards: torch.Tensor  # [B, T] -kl_coef * kl, plus the score at the last real token
+    advantages: torch.Tensor  # [B, T] GAE, whitened if configured
+    returns: torch.Tensor  # [B, T] advantages + values (critic targets)
+
+
+def sequence_inputs(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt + response as model inputs: ids, attention mask (padding off), positions. [B, P+T]"""
+    ids = torch.cat([r.prompt_ids, r.responses], 1)
+    attention = torch.cat([r.prompt_mask, r.mask.long()], 1)
+    return ids, attention, position_ids_from_mask(attention)
+
+
+def response_logits(model, r: Rollout) -> torch.Tensor:
+    """Logits predicting each response token: [B, T, V]."""
+    ids, attention, positions = sequence_inputs(r)
+    width = r.prompt_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
+    return logits[:, width - 1 : -1].float()
+
+
+def response_values(value_model, r: Rollout) -> torch.Tensor:
+    """Critic values of the state before each response token: [B, T]."""
+    ids, attention, positions = sequence_inputs(r)
+    width = r.prompt_ids.shape[1]
+    return value_model(ids, attention, positions)[:, width - 1 : -1]
+
+
+def last_token_scores(value_model, r: Rollout) -> torch.Tensor:
+    """Reward model output at the last real response token: [B]."""
+    ids, attention, positions = sequence_inputs(r)
+    last = r.prompt_ids.shape[1] + r.mask.sum(-1).long() - 1
+    values = value_model(ids, attention, positions)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) -> Rollout:
+    with gathered_for_generation(actor_engine) as model:
+        responses = sample(
+            model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+        )
+    mask = response_mask(responses, tokenizer.eos_token_id)
+    ended = (responses == tokenizer.eos_token_id).any(-1)
+    return Rollout(prompt_ids, prompt_mask, responses, mask, ended)
+
+
+@torch.no_grad()
+def score(models, r: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Old log-probs, reference log-probs, values and raw scores for a rollout."""
+    logits = response_logits(models.actor, r) / temperature
+    logprobs = maths.logprobs_from_logits(logits, r.responses)
+    if models.reference is not None:
+        ref_logits = response_logits(models.reference, r)
+    else:  # LoRA actor: its base model with the adapters switched off is the reference
+        with models.actor.module.disable_adapter():
+            ref_logits = response_logits(models.actor, r)
+    ref_logprobs = maths.logprobs_from_logits(ref_logits / temperature, r.responses)
+    values = response_values(models.critic, r)
+    raw_scores = last_token_scores(models.reward, r)
+    return logprobs, ref_logprobs, values, raw_scores
+
+
+class RunningMoments:
+    """Running mean/std of scores across steps and ranks, for reward normalisation (checkpointed)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        mean, var = float(x.mean()), float(x.var(unbiased=False)) if n > 1 else 0.0
+        total = self.count + n
+        delta = mean - self.mean
+        self.m2 += var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / self.count) ** 0.5 if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def shape_scores(raw: torch.Tensor, r: Rollout, cfg, moments: RunningMoments, all_gather) -> torch.Tensor:
+    """Penalise responses without EOS and normalise with running stats (clipping comes in the reward). [B]"""
+    scores = raw
+    if cfg.missing_eos_penalty is not None:
+        scores = maths.missing_eos_penalty(scores, r.ended, cfg.missing_eos_penalty)
+    if cfg.normalize_reward:
+        moments.update(all_gather(scores))  # the whole global batch, so every rank keeps the same stats
+        scores = (scores - moments.mean) / (moments.std + 1e-8)
+    return scores
+
+
+def advantages(
+    logprobs, ref_logprobs, values, scores, r: Rollout, cfg, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token KL, shaped rewards, GAE advantages (whitened) and returns."""
+    kl = maths.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)
+    rewards, _ = maths.compute_rewards(scores, kl, kl_coef, r.mask, clip_reward=cfg.reward_clip)
+    adv, returns = maths.gae_advantages(rewards, values, r.mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = maths.masked_whiten(adv, r.mask)
+    return kl, rewards, adv, returns

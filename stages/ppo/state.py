@@ -1,0 +1,94 @@
+"""PPO checkpoints: both trained engines, the loop state and every RNG, written atomically.
+
+    checkpoint-N/
+      actor/, critic/       DeepSpeed checkpoints (weights, optimizer, scheduler, ZeRO shards)
+      rng_rank{r}.json      python, numpy and torch RNG state of rank r
+      ppo_state.json        step, KL controller, reward statistics, tracker id, config (written last)
+
+Every rank writes into `.tmp-checkpoint-N`; rank 0 renames it to `checkpoint-N` only after all
+ranks finished, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import publish_dir, read_json, write_json
+from pipeline.errors import UserError
+
+STATE_FILE = "ppo_state.json"
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def complete_checkpoints(stage_dir: Path) -> list[Path]:
+    found = [p for p in stage_dir.glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, Any], rank: int,
+         keep: int, barrier) -> Path:
+    """Write checkpoint-`step` on every rank; rank 0 publishes it and drops all but the newest `keep`."""
+    final = stage_dir / f"checkpoint-{step}"
+    tmp = stage_dir / f".tmp-checkpoint-{step}"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(tmp / name), tag="state")
+    write_json(tmp / f"rng_rank{rank}.json", rng_state())
+    barrier()
+    if rank == 0:
+        write_json(tmp / STATE_FILE, state)
+        publish_dir(tmp, final)
+        for old in complete_checkpoints(stage_dir)[:-keep]:
+            shutil.rmtree(old)
+    barrier()
+    return final
+
+
+def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config_hash: str,
+         stage_config: dict[str, Any]) -> dict[str, Any]:
+    """Restore engines, RNG and loop state from `path`; refuse a checkpoint that means something else."""
+    state = read_json(path / STATE_FILE)
+    if state is None:
+        raise UserError(f"{path}: not a complete PPO checkpoint (no {STATE_FILE})")
+    if state["world_size"] != world_size:
+        raise UserError(f"{path}: saved with {state['world_size']} ranks, now {world_size}; resume with "
+                        f"deepspeed.num_gpus matching the checkpoint (ZeRO shards are per rank)")
+    if state["config_hash"] != config_hash:
+        before = state.get("stage_config", {})
+        changed = sorted(k for k in set(before) | set(stage_config) if before.get(k) != stage_config.get(k))
+        raise UserError(f"{path}: checkpoint was made with a different config (changed: "
+                        f"{', '.join('ppo.' + k for k in changed) or 'inputs or seed'}); restore them or start over")
+    for name, engine in engines.items():
+        load_path, _ = engine.load_checkpoint(str(path / name), tag="state")
+        if load_path is None:
+            raise UserError(f"{path / name}: DeepSpeed checkpoint could not be loaded")
+    rng = read_json(path / f"rng_rank{rank}.json")
+    if rng is not None:
+        set_rng_state(rng)
+    return state

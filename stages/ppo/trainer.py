@@ -1,0 +1,238 @@
+"""The PPO stage: our own loop over four DeepSpeed engines.
+
+Each step, on every rank in lockstep (the same number of prompts, tokens and updates):
+  1. rollout     sample responses for this rank's prompts (KV cache; ZeRO-3 gathers once)
+  2. score       actor and reference log-probs, critic values, reward at the last token
+  3. advantages  per-token KL penalty, shaped rewards, GAE, whitening
+  4. update      `ppo_epochs` passes over minibatches: clipped policy and value losses
+Then: metrics (averaged over ranks), samples for the tracker, periodic checkpoints.
+At the end: the actor is saved as the hand-off checkpoint and judged against the SFT policy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.context import StageContext
+from pipeline.data import load_rows
+from pipeline.errors import UserError
+from pipeline.generation import encode_prompts, left_pad
+from pipeline.models import load_tokenizer
+from pipeline.rundir import semantic_stage_config
+from pipeline.worker import barrier
+from stages.ppo import experience as xp
+from stages.ppo import maths, state as ckpt
+from stages.ppo.engines import build_models
+from stages.ppo.evaluate import evaluate_after_training
+from stages.ppo.export import save_actor
+
+
+def prompt_indices(step: int, n_prompts: int, global_batch: int, rank: int, world: int, seed: int) -> list[int]:
+    """The prompts rank `rank` uses at `step`: a slice of a seeded per-epoch shuffle (resumable by step)."""
+    local = global_batch // world
+    start = step * global_batch + rank * local
+    out = []
+    for i in range(start, start + local):
+        epoch, pos = divmod(i, n_prompts)
+        order = list(range(n_prompts))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        out.append(order[pos])
+    return out
+
+
+def mean_over_ranks(stats: dict[str, float], device) -> dict[str, float]:
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def minibatch(r: xp.Rollout, idx: torch.Tensor) -> xp.Rollout:
+    return xp.Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.responses[idx], r.mask[idx], r.ended[idx])
+
+
+def update(models, exp: xp.Experience, cfg, minibatch_size: int, generator: torch.Generator) -> dict[str, float]:
+    """Phase 4: `ppo_epochs` passes of clipped policy and value updates over shuffled minibatches."""
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl",
+                                                     "value_clipfrac", "entropy")}
+    n = exp.logprobs.shape[0]
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator).to(exp.logprobs.device)
+        for start in range(0, n, minibatch_size):
+            idx = order[start : start + minibatch_size]
+            r, mask = minibatch(exp.rollout, idx), exp.rollout.mask[idx]
+            logits = xp.response_logits(models.actor, r) / cfg.temperature
+            logprobs = maths.logprobs_from_logits(logits, r.responses)
+            pg_loss, clipfrac, approx_kl = maths.policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx],
+                                                             mask, cfg.clip_range)
+            entropy = maths.masked_mean(maths.entropy_from_logits(logits), mask)
+            loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef else pg_loss
+            models.actor.backward(loss)
+            models.actor.step()
+
+            values = xp.response_values(models.critic, r)
+            vf_loss, vf_clipfrac = maths.value_loss(values, exp.values[idx], exp.returns[idx], mask,
+                                                    cfg.clip_range_value)
+            models.critic.backward(vf_loss)
+            models.critic.step()
+            for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
+                               ("approx_kl", approx_kl), ("value_clipfrac", vf_clipfrac), ("entropy", entropy)):
+                stats[key].append(float(value.detach()))
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+class EMA:
+    """Exponential moving average of the actor's trainable weights (ZeRO 0-2: full tensors per rank)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for name, p in module.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.section
+    device = torch.device(ctx.device)
+    world, rank = ctx.world_size, ctx.rank
+    if cfg.ema_decay is not None and ctx.deepspeed.config in ("zero3", "zero3_offload", "zero3_nvme"):
+        raise UserError("ppo.ema_decay: EMA is supported with ZeRO stages 0-2 (the actor is sharded under ZeRO-3)")
+
+    tokenizer = load_tokenizer(ctx.input_path("actor"), what="ppo.input")
+    tokenizer.padding_side = "left"
+    rows = load_rows(cfg.data, split="train", fields=["prompt"], data_dir=ctx.run_dir.data_dir, what="ppo")
+    prompts = list(rows["prompt"])
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+    models = build_models(ctx, tokenizer, total_updates=cfg.max_steps * updates_per_step)
+    kl_ctl = (maths.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+              else maths.FixedKLController(cfg.kl_coef))
+    moments = xp.RunningMoments()
+    ema = EMA(models.actor.module, cfg.ema_decay) if cfg.ema_decay else None
+    engines = {"actor": models.actor, "critic": models.critic}
+    stage_config = semantic_stage_config(ctx.config, "ppo")
+    sampling_seed = cfg.sampling_seed if cfg.sampling_seed is not None else ctx.config.run.seed
+
+    start_step = 0
+    resume = ctx.resume_from or next(iter(ckpt.complete_checkpoints(ctx.output_dir)[-1:]), None)
+    if resume is not None:
+        saved = ckpt.load(resume, engines, rank, world, ctx.config_hash, stage_config)
+        start_step = saved["step"]
+        kl_ctl.load_state_dict(saved["kl_controller"])
+        moments.load_state_dict(saved["reward_moments"])
+        if ema is not None and saved.get("ema") is not None:
+            ema.shadow = {k: torch.tensor(v) for k, v in saved["ema"].items()}
+        if ctx.is_main:
+            print(f"[ppo] resumed from {resume} at step {start_step}", flush=True)
+
+    local_rollout = cfg.rollout_batch_size // world
+    local_minibatch = cfg.minibatch_size // world
+    models.actor.eval()  # no dropout: the log-probs of the update must match those of the rollout
+    models.critic.eval()
+    metrics: dict[str, float] = {}
+    for step in range(start_step, cfg.max_steps):
+        timings: dict[str, float] = {}
+        generator = torch.Generator().manual_seed(sampling_seed * 1_000_003 + step * 1009 + rank)
+
+        # 1. rollout
+        sync(device)
+        t0 = time.perf_counter()
+        batch = [prompt_ids[i] for i in prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world,
+                                                        ctx.config.run.seed)]
+        ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
+        r = xp.rollout(models.actor, ids, mask, cfg, tokenizer, generator)
+        sync(device)
+        timings["rollout"] = time.perf_counter() - t0
+
+        # 2. score
+        t0 = time.perf_counter()
+        logprobs, ref_logprobs, values, raw_scores = xp.score(models, r, cfg.temperature)
+        sync(device)
+        timings["score"] = time.perf_counter() - t0
+
+        # 3. advantages
+        t0 = time.perf_counter()
+        scores = xp.shape_scores(raw_scores, r, cfg, moments, all_gather_cat)
+        kl, rewards, adv, returns = xp.advantages(logprobs, ref_logprobs, values, scores, r, cfg, kl_ctl.value)
+        exp = xp.Experience(r, logprobs, ref_logprobs, values, raw_scores, scores, kl, rewards, adv, returns)
+        timings["advantages"] = time.perf_counter() - t0
+
+        # 4. update
+        t0 = time.perf_counter()
+        train_stats = update(models, exp, cfg, local_minibatch, generator)
+        if ema is not None:
+            ema.update(models.actor.module)
+        sync(device)
+        timings["update"] = time.perf_counter() - t0
+
+        # metrics: every rank contributes, every rank agrees
+        seq_kl = maths.masked_sum(logprobs - ref_logprobs, r.mask, dim=1)
+        new_tokens = float(r.mask.sum())
+        step_stats = {
+            **{f"ppo/{k}": v for k, v in train_stats.items()},
+            "ppo/reward_mean": float(raw_scores.mean()), "ppo/reward_std": float(all_gather_cat(raw_scores).std()),
+            "ppo/kl_to_ref": float(seq_kl.mean()), "ppo/kl_coef": kl_ctl.value,
+            "ppo/response_length": float(r.mask.sum(-1).mean()), "ppo/eos_fraction": float(r.ended.float().mean()),
+            "ppo/advantage_mean": float(maths.masked_mean(adv, r.mask)),
+            **{f"time/{k}_s": v for k, v in timings.items()},
+            "time/rollout_tokens_per_s": new_tokens / max(timings["rollout"], 1e-9),
+            "time/step_s": sum(timings.values()),
+        }
+        step_stats = mean_over_ranks(step_stats, device)
+        for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/reward_mean"):
+            if not torch.isfinite(torch.tensor(step_stats[key])):
+                last = ckpt.complete_checkpoints(ctx.output_dir)
+                raise UserError(f"ppo: {key} is not finite at step {step + 1}; last good checkpoint: "
+                                f"{last[-1] if last else 'none (nothing saved yet)'}")
+        kl_ctl.update(step_stats["ppo/kl_to_ref"], cfg.rollout_batch_size)
+        metrics = step_stats
+        ctx.tracker.log(step_stats, step=step + 1)
+        if ctx.is_main and ((step + 1) % cfg.logging_steps == 0 or step == start_step):
+            print(f"[ppo] step {step + 1}/{cfg.max_steps} reward {step_stats['ppo/reward_mean']:+.3f} "
+                  f"kl {step_stats['ppo/kl_to_ref']:.3f} len {step_stats['ppo/response_length']:.1f} "
+                  f"{step_stats['time/step_s']:.2f}s/step", flush=True)
+        if ctx.is_main and (step + 1) % ctx.config.tracking.sample_every == 0:
+            texts = tokenizer.batch_decode(r.responses, skip_special_tokens=True)
+            table = [[prompts[i], t, float(s)] for i, t, s in zip(
+                prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world, ctx.config.run.seed),
+                texts, raw_scores)]
+            ctx.tracker.log_table("ppo/samples", ["prompt", "response", "reward"], table, step=step + 1)
+
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            ckpt.save(ctx.output_dir, step + 1, engines, {
+                "step": step + 1, "world_size": world, "config_hash": ctx.config_hash, "stage_config": stage_config,
+                "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict(),
+                "wandb_run_id": ctx.tracker.run_id,
+                "ema": {k: v.tolist() for k, v in ema.shadow.items()} if ema else None,
+            }, rank, cfg.keep_checkpoints, barrier)
+
+    save_actor(models, tokenizer, ctx, ema)
+    barrier()
+    result = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("ppo/")}
+    result["steps"] = cfg.max_steps
+    result.update(evaluate_after_training(ctx))
+    return result
