@@ -15,7 +15,9 @@ from typing import Any
 from pipeline import ds_config
 from pipeline.config import TrainLoop
 from pipeline.context import StageContext
-from pipeline.tracking import NullTracker
+from pipeline.tracking import MetricsFile, NullTracker
+
+from transformers import TrainerCallback
 
 
 def deepspeed_dict(ctx: StageContext, section: TrainLoop) -> dict[str, Any]:
@@ -67,6 +69,18 @@ def training_kwargs(ctx: StageContext, section: TrainLoop) -> dict[str, Any]:
         remove_unused_columns=False,
         save_only_model=False,
     )
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Mirror the Trainer's logs into `<stage>/metrics.jsonl` (rank 0), with train/ and eval/ prefixes."""
+
+    def __init__(self, ctx: StageContext):
+        self.file = MetricsFile(ctx.output_dir / "metrics.jsonl" if ctx.is_main else None)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.file.write({k if k.startswith(("eval_", "train_")) else f"train/{k}": v
+                             for k, v in logs.items()}, state.global_step)
 
 
 def checkpoint_step(path: Path) -> int:

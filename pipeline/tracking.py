@@ -7,6 +7,7 @@ the same W&B run. A tracker failure is reported once and never stops training.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -41,10 +42,30 @@ def wandb_mode(cfg: TrackingSection) -> str:
     return "online" if has_key else "offline"
 
 
+class MetricsFile:
+    """Every logged step as one JSON line in `<stage>/metrics.jsonl`, so reports need no tracker."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, metrics: dict[str, Any], step: int | None) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 class NullTracker:
     run_id: str | None = None
 
-    def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+    def __init__(self, metrics_file: Path | None = None):
+        self.file = MetricsFile(metrics_file)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.file.write(metrics, step)
+
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None: ...
     def summary(self, metrics: dict[str, Any]) -> None: ...
     def finish(self) -> None: ...
@@ -58,6 +79,7 @@ class WandbTracker:
 
         self._wandb = wandb
         self._warned = False
+        self.file = MetricsFile(stage_dir / "metrics.jsonl")
         self.mode = wandb_mode(cfg)
         id_file = stage_dir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
@@ -89,6 +111,7 @@ class WandbTracker:
                 self._warned = True
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.file.write(metrics, step)
         self._guard(self.run.log, metrics, step=step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None:
@@ -105,10 +128,12 @@ class WandbTracker:
 
 def make_tracker(cfg: TrackingSection, *, rank: int, run_name: str, stage: str, stage_dir: Path,
                  config: dict[str, Any]):
-    if cfg.backend == "none" or rank != 0:
+    if rank != 0:
         return NullTracker()
+    if cfg.backend == "none":
+        return NullTracker(stage_dir / "metrics.jsonl")
     try:
         return WandbTracker(cfg, run_name=run_name, stage=stage, stage_dir=stage_dir, config=config)
     except Exception as err:
         print(f"warning: W&B could not start ({err}); continuing without tracking", file=sys.stderr)
-        return NullTracker()
+        return NullTracker(stage_dir / "metrics.jsonl")

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from pipeline.checkpoint import read_json, write_json
 from pipeline.context import StageContext
 from pipeline.data import load_rows
-from pipeline.hf_training import (perplexity, resume_checkpoint, save_final, train_metrics,
+from pipeline.hf_training import (MetricsFileCallback, perplexity, resume_checkpoint, save_final, train_metrics,
                                   training_kwargs)
 from pipeline.models import build_model, check_model_tokenizer, load_model, load_tokenizer, train_tokenizer
 from pipeline.worker import barrier
@@ -90,7 +90,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     trainer = Trainer(
         model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=default_data_collator, processing_class=tokenizer,
-        callbacks=[KeepInitialEval(initial_file)] if ctx.is_main else [],
+        callbacks=[MetricsFileCallback(ctx), *([KeepInitialEval(initial_file)] if ctx.is_main else [])],
     )
     metrics: dict[str, Any] = {"train_blocks": len(train_blocks), "seq_len": cfg.seq_len}
     trainer.train(resume_from_checkpoint=resume)
