@@ -11,6 +11,7 @@ import datetime as _dt
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,17 @@ def recover_dir(final: str | Path) -> None:
     previous = final.with_name(f"{final.name}.previous")
     if not final.exists() and previous.exists():
         os.replace(previous, final)
+
+
+# A periodic checkpoint counts only once its stage wrote one of these, after every rank finished.
+CHECKPOINT_MARKERS = ("rlhf_complete.json", "ppo_state.json")
+
+
+def complete_checkpoints(stage_dir: str | Path) -> list[Path]:
+    """The stage's complete `checkpoint-N` dirs, oldest first."""
+    found = [p for p in Path(stage_dir).glob("checkpoint-*")
+             if re.fullmatch(r"checkpoint-\d+", p.name) and any((p / m).exists() for m in CHECKPOINT_MARKERS)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any] | None:

@@ -397,5 +397,11 @@ def config_to_yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def describe_changes(before: dict[str, Any], after: dict[str, Any], prefix: str) -> str:
+    """`prefix.key: old -> new` for every top-level key that differs (or 'inputs or seed')."""
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    return ", ".join(f"{prefix}.{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed) or "inputs or seed changed"
+
+
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -8,12 +8,14 @@ the final hand-off checkpoint.
 from __future__ import annotations
 
 import math
-import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline import ds_config
-from pipeline.config import TrainLoop
+from pipeline.checkpoint import CHECKPOINT_MARKERS, complete_checkpoints, read_json, write_json
+from pipeline.config import TrainLoop, describe_changes
+from pipeline.errors import UserError
 from pipeline.context import StageContext
 from pipeline.tracking import MetricsFile, NullTracker
 
@@ -56,7 +58,7 @@ def training_kwargs(ctx: StageContext, section: TrainLoop) -> dict[str, Any]:
         eval_steps=eval_every,
         save_strategy="steps" if section.save_steps else "no",
         save_steps=section.save_steps or 500,
-        save_total_limit=section.keep_checkpoints,
+        save_total_limit=None,  # rotation happens after every rank finished (CompleteCheckpoints)
         seed=ctx.config.run.seed,
         data_seed=ctx.config.run.seed,
         report_to=[] if isinstance(ctx.tracker, NullTracker) else ["wandb"],
@@ -83,24 +85,68 @@ class MetricsFileCallback(TrainerCallback):
                              for k, v in logs.items()}, state.global_step)
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-")[1])
+COMPLETE_MARKER = CHECKPOINT_MARKERS[0]
 
 
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` (one the Trainer finished: it has trainer_state.json)."""
-    done = [
-        p for p in stage_dir.glob("checkpoint-*")
-        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").exists()
-    ]
-    return max(done, key=checkpoint_step) if done else None
+class CompleteCheckpoints(TrainerCallback):
+    """Mark a Trainer checkpoint complete only once every rank has written it, then rotate.
+
+    The Trainer writes `checkpoint-N` in place and rank 0 may finish (and rotate old ones away)
+    while other ranks still write their ZeRO shards. `on_save` runs on each rank after its own
+    save; after a barrier, rank 0 writes the marker that makes the checkpoint resumable and only
+    then deletes the oldest complete ones, so a crash at any moment leaves a complete checkpoint.
+    """
+
+    def __init__(self, ctx: StageContext, stage_config: dict[str, Any]):
+        self.ctx = ctx
+        self.stage_config = stage_config
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+        if self.ctx.is_main:
+            path = self.ctx.output_dir / f"checkpoint-{state.global_step}"
+            write_json(path / COMPLETE_MARKER, {"step": state.global_step, "world_size": self.ctx.world_size,
+                                                "config_hash": self.ctx.config_hash,
+                                                "stage_config": self.stage_config})
+            for old in complete_checkpoints(self.ctx.output_dir)[: -self.ctx.section.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def check_resumable(path: Path, ctx: StageContext, stage_config: dict[str, Any]) -> None:
+    """Refuse a checkpoint made by another config or rank count, naming what differs."""
+    marker = read_json(path / COMPLETE_MARKER)
+    if marker is None:
+        raise UserError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER}); pick another")
+    if marker["world_size"] != ctx.world_size:
+        raise UserError(f"{path}: saved with {marker['world_size']} ranks, now {ctx.world_size}; resume with "
+                        f"the same deepspeed.num_gpus x num_nodes (ZeRO shards are per rank)")
+    if marker["config_hash"] != ctx.config_hash:
+        raise UserError(f"{path}: checkpoint was made with a different config ("
+                        f"{describe_changes(marker.get('stage_config', {}), stage_config, ctx.name)}); "
+                        "restore those settings or start the stage over")
 
 
 def resume_checkpoint(ctx: StageContext) -> str | None:
-    if ctx.resume_from is not None:
-        return str(ctx.resume_from)
-    latest = latest_checkpoint(ctx.output_dir)
-    return str(latest) if latest else None
+    """`--from` if given, else the newest complete checkpoint of this stage; checked before use."""
+    from pipeline.rundir import semantic_stage_config
+
+    stage_config = semantic_stage_config(ctx.config, ctx.name)
+    path = ctx.resume_from or next(iter(complete_checkpoints(ctx.output_dir)[-1:]), None)
+    if path is None:
+        return None
+    check_resumable(Path(path), ctx, stage_config)
+    return str(path)
+
+
+def checkpoint_callbacks(ctx: StageContext) -> list[TrainerCallback]:
+    from pipeline.rundir import semantic_stage_config
+
+    return [MetricsFileCallback(ctx), CompleteCheckpoints(ctx, semantic_stage_config(ctx.config, ctx.name))]
 
 
 def save_final(trainer, tokenizer, ctx: StageContext) -> None:

@@ -6,13 +6,12 @@ launched, and the next one reads its input from the manifest it published.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline import movie_reviews
-from pipeline.checkpoint import atomic_write_text, read_json
+from pipeline.checkpoint import atomic_write_text, complete_checkpoints, read_json
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config, read_yaml
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import launcher_command, launcher_env, run_launcher
@@ -95,10 +94,7 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
 
 def stage_state(run_dir: RunDir, stage: str) -> dict[str, Any]:
     final = completed_final(run_dir, stage)
-    checkpoints = sorted(
-        (p for p in run_dir.stage_dir(stage).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
+    checkpoints = complete_checkpoints(run_dir.stage_dir(stage))
     if final:
         state = "complete"
     elif checkpoints:

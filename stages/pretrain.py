@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from pipeline.checkpoint import read_json, write_json
 from pipeline.context import StageContext
 from pipeline.data import load_rows
-from pipeline.hf_training import (MetricsFileCallback, perplexity, resume_checkpoint, save_final, train_metrics,
+from pipeline.hf_training import (checkpoint_callbacks, perplexity, resume_checkpoint, save_final, train_metrics,
                                   training_kwargs)
 from pipeline.models import build_model, check_model_tokenizer, load_model, load_tokenizer, train_tokenizer
 from pipeline.worker import barrier
@@ -83,6 +83,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         train_blocks = pack(train, tokenizer, cfg.seq_len)
         eval_blocks = pack(held_out, tokenizer, cfg.seq_len) if held_out is not None else None
     resume = resume_checkpoint(ctx)
+    if resume and ctx.is_main:
+        print(f"[pretrain] resuming from {resume}", flush=True)
     initial_file = ctx.output_dir / "initial_eval.json"
     # The held-out loss before the first step (eval_on_start) is kept in a file, so a resumed run
     # still reports the true starting perplexity.
@@ -90,7 +92,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     trainer = Trainer(
         model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
         data_collator=default_data_collator, processing_class=tokenizer,
-        callbacks=[MetricsFileCallback(ctx), *([KeepInitialEval(initial_file)] if ctx.is_main else [])],
+        callbacks=[*checkpoint_callbacks(ctx), *([KeepInitialEval(initial_file)] if ctx.is_main else [])],
     )
     metrics: dict[str, Any] = {"train_blocks": len(train_blocks), "seq_len": cfg.seq_len}
     trainer.train(resume_from_checkpoint=resume)

@@ -12,7 +12,6 @@ ranks finished, so a crash mid-save leaves the previous checkpoint as the newest
 from __future__ import annotations
 
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import publish_dir, read_json, write_json
+from pipeline.checkpoint import CHECKPOINT_MARKERS, complete_checkpoints, publish_dir, read_json, write_json
+from pipeline.config import describe_changes
 from pipeline.errors import UserError
 
-STATE_FILE = "ppo_state.json"
+STATE_FILE = CHECKPOINT_MARKERS[1]
 
 
 def rng_state() -> dict[str, Any]:
@@ -41,12 +41,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
-def complete_checkpoints(stage_dir: Path) -> list[Path]:
-    found = [p for p in stage_dir.glob("checkpoint-*")
-             if re.fullmatch(r"checkpoint-\d+", p.name) and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, Any], rank: int,
@@ -80,10 +74,9 @@ def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config
         raise UserError(f"{path}: saved with {state['world_size']} ranks, now {world_size}; resume with "
                         f"deepspeed.num_gpus matching the checkpoint (ZeRO shards are per rank)")
     if state["config_hash"] != config_hash:
-        before = state.get("stage_config", {})
-        changed = sorted(k for k in set(before) | set(stage_config) if before.get(k) != stage_config.get(k))
-        raise UserError(f"{path}: checkpoint was made with a different config (changed: "
-                        f"{', '.join('ppo.' + k for k in changed) or 'inputs or seed'}); restore them or start over")
+        raise UserError(f"{path}: checkpoint was made with a different config ("
+                        f"{describe_changes(state.get('stage_config', {}), stage_config, 'ppo')}); "
+                        "restore those settings or start the stage over")
     for name, engine in engines.items():
         load_path, _ = engine.load_checkpoint(str(path / name), tag="state")
         if load_path is None:
