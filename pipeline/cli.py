@@ -1,6 +1,7 @@
 """The `rlhf` command.
 
     rlhf run CONFIG [--stages pretrain,sft] [--run-dir DIR] [KEY=VALUE ...]
+    rlhf resume RUN_DIR [--stage S --from RUN_DIR/S/checkpoint-N] [--force]
     rlhf status RUN_DIR
 
 Errors a user can fix print as one line and exit with code 2; `--debug` adds the traceback.
@@ -24,6 +25,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from pipeline.orchestrator import resume_pipeline
+
+    run_dir = resume_pipeline(args.run_dir, args.stage, args.from_path, args.force)
+    print(f"pipeline finished; run dir: {run_dir.root}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.orchestrator import status_lines
     from pipeline.rundir import RunDir
@@ -34,6 +43,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "resume": cmd_resume,
     "status": cmd_status,
 }
 
@@ -48,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.max_steps=50 run.seed=3")
     run.add_argument("--stages", help="comma-separated subset, e.g. pretrain,sft")
     run.add_argument("--run-dir", help="run dir (default: <run.output_dir>/<run.name>)")
+
+    resume = sub.add_parser("resume", help="continue a run dir: skip finished stages, resume the interrupted one")
+    resume.add_argument("run_dir")
+    resume.add_argument("--stage", help="resume only this stage")
+    resume.add_argument("--from", dest="from_path", help="checkpoint dir to resume the stage from")
+    resume.add_argument("--force", action="store_true",
+                        help="resume even if the checkpoint was made with a different stage config")
 
     status = sub.add_parser("status", help="show each stage's state, inputs, metrics and checkpoints")
     status.add_argument("run_dir")

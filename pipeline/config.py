@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -321,6 +322,22 @@ class PipelineConfig:
         return [name for name in STAGE_ORDER if getattr(self, name).enabled]
 
 
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `5e-4` as a float (YAML 1.2) instead of PyYAML's YAML 1.1 string."""
+
+
+class YamlDumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings such as "1e3", so YamlLoader reads them back as strings."""
+
+
+for _cls in (YamlLoader, YamlDumper):
+    _cls.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+        list("-+0123456789."),
+    )
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a','b','c'], value parsed as YAML so 50 is an int and true a bool)."""
     if "=" not in item:
@@ -330,7 +347,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(key, "override key has an empty part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=YamlLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -344,7 +361,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None or child == "none" and part == "tracking":
-                child = {}
+                child = {"backend": "none"} if child == "none" else {}
                 node[part] = child
             if not isinstance(child, dict):
                 raise ConfigError(".".join(parts[: i + 1]), f"is {child!r}, cannot set a sub-key on it")
@@ -363,7 +380,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(str(path), f"cannot read config file ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -394,7 +411,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 
 def config_to_yaml(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=YamlDumper, sort_keys=False)
 
 
 def describe_changes(before: dict[str, Any], after: dict[str, Any], prefix: str) -> str:

@@ -24,6 +24,7 @@ class StageContext:
     world_size: int = 1
     local_rank: int = 0
     resume_from: Path | None = None
+    force_resume: bool = False  # resume even if the checkpoint's stage config differs
     started_at: str = ""
     extra_manifest: dict[str, Any] = field(default_factory=dict)
 

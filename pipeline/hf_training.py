@@ -125,7 +125,7 @@ def check_resumable(path: Path, ctx: StageContext, stage_config: dict[str, Any])
     if marker["world_size"] != ctx.world_size:
         raise UserError(f"{path}: saved with {marker['world_size']} ranks, now {ctx.world_size}; resume with "
                         f"the same deepspeed.num_gpus x num_nodes (ZeRO shards are per rank)")
-    if marker["config_hash"] != ctx.config_hash:
+    if marker["config_hash"] != ctx.config_hash and not ctx.force_resume:
         raise UserError(f"{path}: checkpoint was made with a different config ("
                         f"{describe_changes(marker.get('stage_config', {}), stage_config, ctx.name)}); "
                         "restore those settings or start the stage over")

@@ -6,6 +6,7 @@ launched, and the next one reads its input from the manifest it published.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -52,24 +53,64 @@ def uses_movie_reviews(cfg: PipelineConfig, stages: list[str]) -> bool:
     return any(s and s.startswith(movie_reviews.PREFIX) for s in sources)
 
 
+def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str, Any]) -> None:
+    """Fail in a second, not after a launch: local data and model paths must exist."""
+    section = cfg.stage(stage)
+    for split in ("train", "eval"):
+        source = getattr(section.data, split)
+        if source and not source.startswith(movie_reviews.PREFIX) and (
+            Path(source).suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/", "~"))
+        ) and not Path(source).expanduser().exists():
+            raise UserError(f"{stage}.data.{split}: data file not found: {source}")
+    for key, entry in inputs.items():
+        path = entry and entry["path"]
+        if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise UserError(f"{stage}: input '{key}' not found: {path}")
+
+
+def supersede_checkpoints(run_dir: RunDir, stage: str, old_hash: str) -> None:
+    """A finished stage re-runs under a new config: keep its old periodic checkpoints, out of the way.
+
+    They belong to the previous config, so the new run must not resume from them, and deleting
+    them would lose good checkpoints; they move to `<stage>/superseded/<old hash>/`.
+    """
+    old = complete_checkpoints(run_dir.stage_dir(stage))
+    if not old:
+        return
+    target = run_dir.stage_dir(stage) / "superseded" / old_hash
+    target.mkdir(parents=True, exist_ok=True)
+    for path in old:
+        os.replace(path, target / path.name)
+    print(f"[{stage}] config changed since the last finished run; its checkpoints moved to {target}", flush=True)
+
+
 def fmt_metrics(metrics: dict[str, Any], limit: int = 8) -> str:
     items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return ", ".join(f"{k}={v:.4g}" for k, v in items[:limit])
 
 
-def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_from: dict[str, Path] | None = None) -> None:
-    """Launch each stage unless its final checkpoint is already up to date. Needs the run lock held."""
+def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_from: dict[str, Path] | None = None,
+               force_resume: bool = False) -> None:
+    """Launch each stage unless its final checkpoint is already up to date. Needs the run lock held.
+
+    A stage named in `resume_from` always runs, continuing from that checkpoint.
+    """
+    resume_from = resume_from or {}
     if uses_movie_reviews(cfg, stages):
         movie_reviews.prepare(cfg.movie_reviews, run_dir.data_dir / "movie-reviews")
     for stage in stages:
         inputs = stage_inputs(cfg, stage, run_dir)
         fingerprint = stage_fingerprint(cfg, stage, inputs)
         manifest = completed_final(run_dir, stage)
-        if manifest and manifest.get("config_hash") == fingerprint:
+        preflight(cfg, stage, run_dir, inputs)
+        if manifest and manifest.get("config_hash") == fingerprint and stage not in resume_from:
             print(f"[{stage}] skipped: {run_dir.final_dir(stage)} is up to date (config hash {fingerprint})")
             continue
+        if manifest and stage not in resume_from:
+            supersede_checkpoints(run_dir, stage, manifest["config_hash"])
         ds = cfg.stage_deepspeed(stage)
-        extra = ["--resume-from", str(resume_from[stage])] if resume_from and stage in resume_from else []
+        extra = ["--resume-from", str(resume_from[stage])] if stage in resume_from else []
+        extra += ["--force-resume"] if force_resume else []
         cmd = launcher_command(ds, run_dir.root, stage, extra)
         log = run_dir.log_dir(stage) / "launch.log"
         print(f"[{stage}] starting on {ds.world_size} rank(s); log: {log}", flush=True)
@@ -89,6 +130,24 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
         check_run_dir_owner(rd, cfg)
         atomic_write_text(rd.config_path, config_to_yaml(cfg))
         run_stages(cfg, rd, selected)
+    return rd
+
+
+def resume_pipeline(run_dir: str, stage: str | None, from_path: str | None, force: bool) -> RunDir:
+    """Continue a run with the config it was started with: finished stages are skipped."""
+    rd = RunDir(Path(run_dir))
+    cfg = load_run_config(rd)
+    if from_path is not None and stage is None:
+        raise UserError("--from needs --stage (which stage the checkpoint belongs to)")
+    stages = select_stages(cfg, stage) if stage else cfg.enabled_stages()
+    resume_from = {}
+    if from_path is not None:
+        path = Path(from_path)
+        if not path.is_dir():
+            raise UserError(f"--from: checkpoint dir not found: {path}")
+        resume_from[stages[0]] = path.resolve()
+    with RunLock(rd):
+        run_stages(cfg, rd, stages, resume_from, force_resume=force)
     return rd
 
 

@@ -41,7 +41,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None) -> None:
+def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None, force_resume: bool = False) -> None:
     from stages import load_stage
 
     cfg = load_config(run_dir.config_path)
@@ -60,7 +60,7 @@ def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None) -> None:
     ctx = StageContext(
         name=stage, config=cfg, run_dir=run_dir, inputs=inputs, config_hash=fingerprint,
         deepspeed=cfg.stage_deepspeed(stage), tracker=tracker, rank=rank, world_size=world_size,
-        local_rank=local_rank, resume_from=resume_from, started_at=now(),
+        local_rank=local_rank, resume_from=resume_from, force_resume=force_resume, started_at=now(),
     )
     if ctx.is_main and ctx.staging_final.exists():
         shutil.rmtree(ctx.staging_final)  # left by a crash; never a published checkpoint
@@ -88,10 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--stage", required=True)
     parser.add_argument("--resume-from", default=None)
+    parser.add_argument("--force-resume", action="store_true")
     parser.add_argument("--local_rank", type=int, default=None)  # passed by the DeepSpeed launcher
     args = parser.parse_args(argv)
     try:
-        run_stage(RunDir(Path(args.run_dir)), args.stage, Path(args.resume_from) if args.resume_from else None)
+        run_stage(RunDir(Path(args.run_dir)), args.stage, Path(args.resume_from) if args.resume_from else None,
+                  args.force_resume)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         if os.environ.get("RLHF_DEBUG"):

@@ -15,11 +15,13 @@ from typing import Any
 from transformers import TrainerCallback
 
 from pipeline.checkpoint import read_json, write_json
+from pipeline.config import stable_hash
 from pipeline.context import StageContext
 from pipeline.data import load_rows
 from pipeline.hf_training import (checkpoint_callbacks, perplexity, resume_checkpoint, save_final, train_metrics,
                                   training_kwargs)
 from pipeline.models import build_model, check_model_tokenizer, load_model, load_tokenizer, train_tokenizer
+from pipeline.typed import to_dict
 from pipeline.worker import barrier
 
 
@@ -27,7 +29,9 @@ def get_tokenizer(ctx: StageContext, texts):
     given = ctx.input_path("tokenizer") or ctx.input_path("model")
     if given:
         return load_tokenizer(given, what="pretrain.tokenizer")
-    path = ctx.output_dir / "tokenizer"
+    # Keyed by what shapes the tokenizer, so a changed vocab size or data never reuses a stale one.
+    recipe = stable_hash([ctx.section.tokenizer_vocab_size, to_dict(ctx.section.data), to_dict(ctx.config.movie_reviews)])
+    path = ctx.output_dir / f"tokenizer-{recipe}"
     if ctx.is_main and not (path / "tokenizer.json").exists():
         # Rank 0 trains it once; the other ranks load the same files, so every rank agrees on ids.
         tokenizer = train_tokenizer(texts, ctx.section.tokenizer_vocab_size)
@@ -85,7 +89,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     resume = resume_checkpoint(ctx)
     if resume and ctx.is_main:
         print(f"[pretrain] resuming from {resume}", flush=True)
-    initial_file = ctx.output_dir / "initial_eval.json"
+    initial_file = ctx.output_dir / f"initial_eval-{ctx.config_hash}.json"
     # The held-out loss before the first step (eval_on_start) is kept in a file, so a resumed run
     # still reports the true starting perplexity.
     args.eval_on_start = eval_blocks is not None and read_json(initial_file) is None and resume is None

@@ -64,7 +64,7 @@ def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, A
     return final
 
 
-def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config_hash: str,
+def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config_hash: str | None,
          stage_config: dict[str, Any]) -> dict[str, Any]:
     """Restore engines, RNG and loop state from `path`; refuse a checkpoint that means something else."""
     state = read_json(path / STATE_FILE)
@@ -73,7 +73,7 @@ def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config
     if state["world_size"] != world_size:
         raise UserError(f"{path}: saved with {state['world_size']} ranks, now {world_size}; resume with "
                         f"deepspeed.num_gpus matching the checkpoint (ZeRO shards are per rank)")
-    if state["config_hash"] != config_hash:
+    if config_hash is not None and state["config_hash"] != config_hash:  # None: forced
         raise UserError(f"{path}: checkpoint was made with a different config ("
                         f"{describe_changes(state.get('stage_config', {}), stage_config, 'ppo')}); "
                         "restore those settings or start the stage over")

@@ -140,7 +140,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     start_step = 0
     resume = ctx.resume_from or next(iter(ckpt.complete_checkpoints(ctx.output_dir)[-1:]), None)
     if resume is not None:
-        saved = ckpt.load(resume, engines, rank, world, ctx.config_hash, stage_config)
+        saved = ckpt.load(resume, engines, rank, world, None if ctx.force_resume else ctx.config_hash, stage_config)
         start_step = saved["step"]
         kl_ctl.load_state_dict(saved["kl_controller"])
         moments.load_state_dict(saved["reward_moments"])
