@@ -28,6 +28,7 @@ class RunSection:
     name: str = doc("run", "Pipeline run name; also the W&B group and the default run dir name.")
     output_dir: str = doc("runs", "Parent of the default run dir `<output_dir>/<name>`.")
     seed: int = doc(0, "Seed for model init, data order and sampling in every stage.")
+    trust_remote_code: bool = doc(False, "Allow model/tokenizer code from checkpoints (off: only safetensors, no code).")
 
     def validate(self, p: str) -> None:
         check(bool(self.name.strip()) and "/" not in self.name, f"{p}.name", "must be a non-empty name without '/'")

@@ -29,7 +29,7 @@ def resolve_source(source: str, data_dir: Path) -> str:
     return source
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return False
     try:
@@ -61,7 +61,7 @@ def load_dataset_any(source: str, split: str, what: str):
         except Exception as err:  # datasets wraps parse errors in several types
             raise DataError(f"{what}: {path}: cannot be read as {fmt} ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]})") from None
-    if not _hub_reachable():
+    if not hub_reachable():
         raise DataError(f"{what}: '{source}' is not a local file and the Hugging Face hub is offline")
     try:
         return datasets.load_dataset(source, split=split)

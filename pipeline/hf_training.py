@@ -117,6 +117,21 @@ class CompleteCheckpoints(TrainerCallback):
             dist.barrier()
 
 
+class FiniteLossGuard(TrainerCallback):
+    """Stop on the first NaN/inf loss, naming the step and the last good checkpoint (kept as is)."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                good = complete_checkpoints(self.ctx.output_dir)
+                raise UserError(f"{self.ctx.name}: {key} is {value} at step {state.global_step}; last good "
+                                f"checkpoint: {good[-1] if good else 'none (nothing saved yet)'}")
+
+
 def check_resumable(path: Path, ctx: StageContext, stage_config: dict[str, Any]) -> None:
     """Refuse a checkpoint made by another config or rank count, naming what differs."""
     marker = read_json(path / COMPLETE_MARKER)
@@ -146,7 +161,8 @@ def resume_checkpoint(ctx: StageContext) -> str | None:
 def checkpoint_callbacks(ctx: StageContext) -> list[TrainerCallback]:
     from pipeline.rundir import semantic_stage_config
 
-    return [MetricsFileCallback(ctx), CompleteCheckpoints(ctx, semantic_stage_config(ctx.config, ctx.name))]
+    return [MetricsFileCallback(ctx), CompleteCheckpoints(ctx, semantic_stage_config(ctx.config, ctx.name)),
+            FiniteLossGuard(ctx)]
 
 
 def save_final(trainer, tokenizer, ctx: StageContext) -> None:

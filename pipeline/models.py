@@ -13,6 +13,8 @@ from pipeline.config import ModelArch
 from pipeline.errors import UserError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+# Off unless the config's run.trust_remote_code says otherwise (set once per stage process).
+TRUST_REMOTE_CODE = False
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 # Each turn is marked by a role token; an assistant turn ends with EOS, so generation stops there.
@@ -76,28 +78,35 @@ def _local_or_hub(path: str, what: str) -> str:
         return str(p)
     if path.startswith((".", "/", "~")) or p.suffix:
         raise UserError(f"{what}: path not found: {path}")
-    return path  # a hub id; the hub client reports offline/missing itself
+    from pipeline.data import hub_reachable
+
+    if not hub_reachable():
+        raise UserError(f"{what}: '{path}' is not a local path and the Hugging Face hub is offline")
+    return path
 
 
-def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool = False):
+def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool | None = None):
     from transformers import AutoTokenizer
 
     src = _local_or_hub(path, what)
     try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=TRUST_REMOTE_CODE if trust_remote_code is None
+                                            else trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{what}: cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
     return tok
 
 
-def load_model(path: str, kind: str = "causal_lm", what: str = "model", trust_remote_code: bool = False, **kwargs):
+def load_model(path: str, kind: str = "causal_lm", what: str = "model", trust_remote_code: bool | None = None,
+               **kwargs):
     """Load a causal LM or a one-output sequence classifier from safetensors weights only."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     src = _local_or_hub(path, what)
     try:
-        return cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs)
+        trust = TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code
+        return cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"{what}: cannot load model from {path}: {str(err).splitlines()[0]}") from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,11 @@ class WandbTracker:
         self.file = MetricsFile(stage_dir / "metrics.jsonl")
         self.mode = wandb_mode(cfg)
         id_file = stage_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         stage_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
         self.run_id = run_id
-        self.run = wandb.init(
+        settings = dict(
             project=cfg.project,
             entity=cfg.entity,
             group=run_name,
@@ -98,9 +99,17 @@ class WandbTracker:
             tags=cfg.tags or None,
             notes=cfg.notes,
             config=scrub(config),
-            mode=self.mode,
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
+        try:
+            self.run = wandb.init(mode=self.mode, **settings)
+        except Exception as err:
+            if self.mode != "online":
+                raise
+            # W&B unreachable: keep the run on disk and say once how to upload it later.
+            print(f"warning: W&B online failed ({str(err).splitlines()[0]}); logging offline instead", file=sys.stderr)
+            self.mode = "offline"
+            self.run = wandb.init(mode="offline", **settings)
 
     def _guard(self, fn, *args: Any, **kwargs: Any) -> None:
         try:

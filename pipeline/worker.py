@@ -9,12 +9,14 @@ previous manifests, runs the stage, and (rank 0) publishes `final/` with its man
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import sys
 import traceback
 from pathlib import Path
 
+from pipeline import models
 from pipeline.checkpoint import make_manifest, now, publish_dir, write_json
 from pipeline.config import load_config
 from pipeline.context import StageContext
@@ -45,6 +47,7 @@ def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None, force_resum
     from stages import load_stage
 
     cfg = load_config(run_dir.config_path)
+    models.TRUST_REMOTE_CODE = cfg.run.trust_remote_code
     inputs = stage_inputs(cfg, stage, run_dir)
     fingerprint = stage_fingerprint(cfg, stage, inputs)
     rank, world_size, local_rank = init_distributed()
@@ -83,6 +86,19 @@ def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None, force_resum
     barrier()
 
 
+def disk_full_message(run_dir: Path, stage: str, err: OSError) -> str:
+    """Where the write failed, how much a checkpoint of this stage takes, and how much is free."""
+    from pipeline.checkpoint import complete_checkpoints
+
+    stage_dir = RunDir(run_dir).stage_dir(stage)
+    previous = complete_checkpoints(stage_dir)
+    needed = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0
+    free = shutil.disk_usage(stage_dir if stage_dir.exists() else run_dir).free
+    kept = f"; last good checkpoint kept: {previous[-1]}" if previous else ""
+    return (f"{stage}: disk full writing {err.filename or stage_dir}: a checkpoint needs about "
+            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free{kept}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="pipeline.worker")
     parser.add_argument("--run-dir", required=True)
@@ -99,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RLHF_DEBUG"):
             traceback.print_exc()
         sys.exit(err.exit_code)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {disk_full_message(Path(args.run_dir), args.stage, err)}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
 
 
 if __name__ == "__main__":
