@@ -84,6 +84,12 @@ def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None, force_resum
         tracker.summary({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.finish()
     barrier()
+    import torch.distributed as dist
+
+    # A rank that exits while another still runs collectives can abort the job ("terminate called
+    # without an active exception"); leave together.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def disk_full_message(run_dir: Path, stage: str, err: OSError) -> str:
