@@ -3,6 +3,10 @@
     rlhf run CONFIG [--stages pretrain,sft] [--run-dir DIR] [KEY=VALUE ...]
     rlhf resume RUN_DIR [--stage S --from RUN_DIR/S/checkpoint-N] [--force]
     rlhf status RUN_DIR
+    rlhf eval RUN_DIR [--include-base] [--num-prompts N]
+    rlhf generate CHECKPOINT --prompts FILE [--out FILE.jsonl] [sampling options]
+    rlhf chat CHECKPOINT [--system TEXT] [sampling options]
+    rlhf report RUN_DIR
 
 Errors a user can fix print as one line and exit with code 2; `--debug` adds the traceback.
 """
@@ -41,11 +45,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate_run import run_eval_command
+
+    run_eval_command(args.run_dir, args.include_base, args.num_prompts)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pipeline.inference import Sampling, generate_file
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    generate_file(args.checkpoint, args.prompts, args.out, sampling, args.batch_size)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from pipeline.inference import Sampling, chat
+
+    chat(args.checkpoint, Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed), args.system)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import build_report
+
+    print(f"report: {build_report(args.run_dir)}")
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "resume": cmd_resume,
     "status": cmd_status,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "report": cmd_report,
 }
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest response in tokens (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show each stage's state, inputs, metrics and checkpoints")
     status.add_argument("run_dir")
+
+    ev = sub.add_parser("eval", help="judge the run's sft and ppo policies on held-out prompts")
+    ev.add_argument("run_dir")
+    ev.add_argument("--include-base", action="store_true", help="also evaluate the pretrained model")
+    ev.add_argument("--num-prompts", type=int, help="held-out prompts to use (default: eval.num_prompts)")
+
+    gen = sub.add_parser("generate", help="sample a response for every prompt in a file")
+    gen.add_argument("checkpoint", help="model dir, e.g. RUN_DIR/ppo/final")
+    gen.add_argument("--prompts", required=True, help=".jsonl with a 'prompt' field, or .txt with one per line")
+    gen.add_argument("--out", help="JSONL file for {prompt, response} rows (default: stdout)")
+    gen.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    add_sampling_args(gen)
+
+    chat = sub.add_parser("chat", help="talk to a checkpoint on stdin (/reset clears, /exit quits)")
+    chat.add_argument("checkpoint", help="model dir, e.g. RUN_DIR/ppo/final")
+    chat.add_argument("--system", help="system message at the start of the conversation")
+    add_sampling_args(chat)
+
+    report = sub.add_parser("report", help="plots and report.md from a run dir's metrics, manifests and eval")
+    report.add_argument("run_dir")
     return parser
 
 

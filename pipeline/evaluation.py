@@ -25,7 +25,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
              seed: int, max_prompt_length: int = 256, batch_size: int = 32, device: str = "cpu"):
     """Responses for `prompts`: (texts, [(prompt_ids, prompt_mask, responses, mask)] per batch)."""
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)  # multinomial needs it on the model's device
     texts, batches = [], []
     for start in range(0, len(encoded), batch_size):
         ids, mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id, device)
@@ -58,7 +58,7 @@ def reward_model_scores(path: str, tokenizer, batches) -> list[float]:
     from stages.ppo.engines import TokenValueModel
     from stages.ppo.experience import Rollout, last_token_scores
 
-    model = TokenValueModel(load_model(path, kind="seq_cls", what="reward model")).eval()
+    model = TokenValueModel(load_model(path, kind="seq_cls", what="reward model")).to(batches[0][0].device).eval()
     out = []
     for ids, mask, responses, rmask in batches:
         out += last_token_scores(model, Rollout(ids, mask, responses, rmask, rmask[:, 0] > 0)).tolist()

@@ -130,6 +130,10 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
         check_run_dir_owner(rd, cfg)
         atomic_write_text(rd.config_path, config_to_yaml(cfg))
         run_stages(cfg, rd, selected)
+        if cfg.eval.enabled and completed_final(rd, "sft"):
+            from pipeline.evaluate_run import evaluate_after_pipeline  # imports torch only when evaluating
+
+            evaluate_after_pipeline(rd, cfg)
     return rd
 
 

@@ -1,0 +1,163 @@
+"""`rlhf eval RUN_DIR`: judge a run's policies on held-out prompts, and the same at the end of `rlhf run`.
+
+The policies are the final checkpoints the run dir holds: sft (reference and baseline), ppo when
+it finished, and the pretrained model with --include-base. Every policy samples with the eval
+section's settings and seed; the judge is `eval.judge` and the run's reward model scores them
+too. Results go to RUN_DIR/eval/results.json, the terminal, and the tracker as a W&B run with
+job_type "eval". The generation and judging themselves live in pipeline.evaluation, shared with
+the PPO stage's end-of-stage evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline import judging, movie_reviews
+from pipeline.checkpoint import write_json
+from pipeline.config import PipelineConfig
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir, RunLock, completed_final
+from pipeline.typed import to_dict
+
+BASELINE = "sft"
+
+
+def results_path(rd: RunDir) -> Path:
+    return rd.root / "eval" / "results.json"
+
+
+def find_policies(rd: RunDir, include_base: bool) -> dict[str, str]:
+    """Policy name -> final checkpoint dir: sft is required (it is the reference), ppo when complete."""
+    if not rd.root.is_dir():
+        raise UserError(f"{rd.root}: run dir not found")
+    if completed_final(rd, "sft") is None:
+        raise UserError(f"{rd.final_dir('sft')}: no complete sft checkpoint; eval needs it as the reference policy")
+    policies = {}
+    if include_base:
+        if completed_final(rd, "pretrain") is None:
+            raise UserError(f"--include-base: {rd.final_dir('pretrain')}: no complete pretrain checkpoint")
+        policies["pretrain"] = str(rd.final_dir("pretrain"))
+    policies["sft"] = str(rd.final_dir("sft"))
+    if completed_final(rd, "ppo") is not None:
+        policies["ppo"] = str(rd.final_dir("ppo"))
+    else:
+        print(f"[eval] note: no complete ppo checkpoint in {rd.final_dir('ppo')}; evaluating without it", flush=True)
+    return policies
+
+
+def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None) -> list[str] | None:
+    """`eval.prompts` (else ppo.data.eval), the first `num_prompts` (default eval.num_prompts); None if unset."""
+    from pipeline.evaluation import eval_prompts
+
+    if num_prompts is not None:
+        if num_prompts < 1:
+            raise UserError(f"--num-prompts: must be >= 1 (got {num_prompts})")
+        cfg.eval.num_prompts = num_prompts
+    source = cfg.eval.prompts or cfg.ppo.data.eval
+    if source and source.startswith(movie_reviews.PREFIX):
+        movie_reviews.prepare(cfg.movie_reviews, rd.data_dir / "movie-reviews")
+    return eval_prompts(cfg, rd.data_dir)
+
+
+def check_judge(spec: str) -> None:
+    """Reject a judge that cannot load before any model is, naming the setting."""
+    if spec != "vader" and ":" not in spec:
+        if not Path(spec).is_dir():
+            raise UserError(f"eval.judge: '{spec}' is not 'vader', a 'module:callable' or a reward-model dir")
+        return
+    try:
+        judging.load_judge(spec)
+    except ValueError as err:
+        raise UserError(f"eval.judge: {err}") from None
+
+
+def evaluate_run(rd: RunDir, cfg: PipelineConfig, prompts: list[str], policies: dict[str, str]) -> dict[str, Any]:
+    """Generate from each policy, judge, compare with sft; write results.json, print and log them."""
+    import torch
+
+    from pipeline.evaluation import evaluate_policies, format_table
+
+    reward = completed_final(rd, "reward")
+    print(f"[eval] {', '.join(policies)} on {len(prompts)} held-out prompts; judge: {cfg.eval.judge}", flush=True)
+    results = evaluate_policies(
+        policies, reference=policies[BASELINE], prompts=prompts, judge_spec=cfg.eval.judge,
+        max_new_tokens=cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens, temperature=cfg.eval.temperature,
+        top_p=cfg.eval.top_p, seed=cfg.eval.seed, baseline=BASELINE,
+        reward_model=str(rd.final_dir("reward")) if reward else None,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    for name, path in policies.items():
+        results["policies"][name]["path"] = path
+    results["reward_model"] = reward and {
+        "path": str(rd.final_dir("reward")),
+        "eval_accuracy": reward.get("metrics", {}).get("eval_accuracy"),  # held-out preference pairs
+    }
+    write_json(results_path(rd), results)
+    print(format_table(results))
+    if results["reward_model"] and results["reward_model"]["eval_accuracy"] is not None:
+        print(f"reward model held-out pair accuracy: {results['reward_model']['eval_accuracy']:.4f}")
+    log_results(cfg, rd, results)
+    print(f"[eval] results: {results_path(rd)}", flush=True)
+    return results
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """`eval/<policy>/<metric>` for every number, win rates included, plus the reward model's accuracy."""
+    out = {}
+    for name, summary in results["policies"].items():
+        numbers = {**summary, **results["win_rates"].get(name, {})}
+        out.update({f"eval/{name}/{k}": v for k, v in numbers.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    accuracy = (results.get("reward_model") or {}).get("eval_accuracy")
+    if accuracy is not None:
+        out["eval/reward_model/eval_accuracy"] = accuracy
+    return out
+
+
+def log_results(cfg: PipelineConfig, rd: RunDir, results: dict[str, Any]) -> None:
+    """One tracker run per evaluation (job_type "eval"); with `tracking: none` only eval/metrics.jsonl."""
+    from pipeline.tracking import make_tracker
+
+    stage_dir = rd.root / "eval"
+    # Each evaluation is its own W&B run: do not resume the previous evaluation's run id.
+    (stage_dir / "wandb_run_id").unlink(missing_ok=True)
+    tracker = make_tracker(cfg.tracking, rank=0, run_name=cfg.run.name, stage="eval", stage_dir=stage_dir,
+                           config={"eval": to_dict(cfg.eval), "settings": results["settings"],
+                                   "policies": {n: s["path"] for n, s in results["policies"].items()}})
+    try:
+        metrics = flat_metrics(results)
+        tracker.log(metrics)
+        tracker.summary(metrics)
+        rows = [[name, s["prompt"], s["response"], s["judge"]]
+                for name, samples in results["samples"].items() for s in samples]
+        tracker.log_table("eval/samples", ["policy", "prompt", "response", "judge"], rows)
+    finally:
+        tracker.finish()
+
+
+def run_eval_command(run_dir: str, include_base: bool, num_prompts: int | None) -> dict[str, Any]:
+    """`rlhf eval`: the run's own config, under the run lock so no stage rewrites a checkpoint meanwhile."""
+    from pipeline.orchestrator import load_run_config
+
+    rd = RunDir(Path(run_dir))
+    if not rd.root.is_dir():
+        raise UserError(f"{rd.root}: run dir not found")
+    cfg = load_run_config(rd)
+    with RunLock(rd):
+        policies = find_policies(rd, include_base)
+        check_judge(cfg.eval.judge)
+        prompts = held_out_prompts(cfg, rd, num_prompts)
+        if not prompts:
+            raise UserError(f"{rd.config_path}: no held-out prompts; set eval.prompts or ppo.data.eval")
+        return evaluate_run(rd, cfg, prompts, policies)
+
+
+def evaluate_after_pipeline(rd: RunDir, cfg: PipelineConfig) -> None:
+    """The end of `rlhf run` (run lock held, complete sft final present): evaluate, or say why not."""
+    prompts = held_out_prompts(cfg, rd, None)
+    if not prompts:
+        print("[eval] skipped: no held-out prompts (set eval.prompts or ppo.data.eval)", flush=True)
+        return
+    check_judge(cfg.eval.judge)
+    evaluate_run(rd, cfg, prompts, find_policies(rd, include_base=False))

@@ -1,0 +1,164 @@
+"""`rlhf eval`, `generate`, `chat` and `report` on a hand-built run dir of tiny untrained models.
+
+The run dir is written directly (tokenizer, sft/ppo/reward finals with manifests, metrics rows),
+not trained through the launcher, so the commands are tested in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import make_manifest, now, write_json
+from pipeline.config import ModelArch, build_config, config_to_yaml
+from pipeline.report import read_metrics
+
+ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
+PROMPTS = ["Continue the review: This movie was", "Continue the review: I expected more from",
+           "Continue the review: The acting in this film", "Continue the review: Honestly the plot",
+           "Continue the review: What a waste of"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def rlhf(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+
+
+def write_final(stage_dir: Path, model, tokenizer, metrics: dict) -> None:
+    final = stage_dir / "final"
+    model.save_pretrained(str(final))
+    tokenizer.save_pretrained(str(final))
+    manifest = make_manifest(stage=stage_dir.name, config_hash="test", stage_config={}, inputs={}, metrics=metrics,
+                             started_at=now(), world_size=1)
+    write_json(final / "manifest.json", manifest)
+
+
+def write_metrics(stage_dir: Path, rows: list[dict]) -> None:
+    (stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaForSequenceClassification
+
+    from pipeline.models import build_model, train_tokenizer
+    from pipeline.movie_reviews import load_reviews
+
+    root = tmp_path_factory.mktemp("run")
+    tokenizer = train_tokenizer([r.text for r in load_reviews()[:300]], vocab_size=500)
+    write_final(root / "sft", build_model(ARCH, tokenizer, seed=1), tokenizer, {"train_loss": 3.2, "eval_loss": 3.4})
+    write_final(root / "ppo", build_model(ARCH, tokenizer, seed=2), tokenizer, {"reward_mean": 0.1})
+    rm_config = build_model(ARCH, tokenizer, seed=3).config
+    rm_config.num_labels = 1
+    write_final(root / "reward", LlamaForSequenceClassification(rm_config), tokenizer,
+                {"train_loss": 0.6, "eval_accuracy": 0.75})
+
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    cfg = build_config({
+        "run": {"name": "evaltest", "output_dir": str(root.parent)}, "tracking": "none",
+        "pretrain": {"model": vars(ARCH)},
+        "eval": {"prompts": str(prompts), "num_prompts": 4, "max_new_tokens": 8},
+    })
+    (root / "config.yaml").write_text(config_to_yaml(cfg))
+
+    # step 3 appears twice, as after a resume from checkpoint-2: the report keeps the later row
+    write_metrics(root / "sft", [{"step": 1, "train/loss": 3.7}, {"step": 2, "train/loss": 3.4}, {"step": 3, "train/loss": 3.1}]
+                  + [{"step": 3, "train/loss": 2.5}, {"step": 4, "train/loss": 2.4}, {"step": 4, "eval_loss": 2.9}])
+    write_metrics(root / "reward", [{"step": s, "train/loss": 0.7 - 0.02 * s} for s in range(1, 6)])
+    write_metrics(root / "ppo", [{"step": s, "ppo/policy_loss": -0.01 * s, "ppo/value_loss": 0.5 / s,
+                                  "ppo/reward_mean": 0.1 * s, "ppo/kl_to_ref": 0.02 * s,
+                                  "ppo/response_length": 20 - s} for s in range(1, 6)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def eval_run(run_dir) -> subprocess.CompletedProcess:
+    return rlhf("eval", str(run_dir))
+
+
+def test_eval_writes_results_for_sft_and_ppo(run_dir, eval_run):
+    assert eval_run.returncode == 0, eval_run.stderr
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert list(results["policies"]) == ["sft", "ppo"]
+    for name, s in results["policies"].items():
+        for key in ("judge_mean", "judge_stderr", "reward_model_mean", "distinct_1", "distinct_2", "real_word_share"):
+            assert isinstance(s[key], float), (name, key)
+        assert s["n"] == 4
+        assert s["path"] == str(run_dir / name / "final")
+    assert results["policies"]["sft"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # sft is the reference
+    wr = results["win_rates"]["ppo"]
+    assert wr["wins"] + wr["ties"] + wr["losses"] == pytest.approx(1.0)
+    assert "sft" not in results["win_rates"]
+    assert results["reward_model"]["eval_accuracy"] == 0.75
+    assert results["settings"]["baseline"] == "sft" and results["settings"]["n_prompts"] == 4
+    # the terminal table, and the tracker's metrics file even with tracking: none
+    assert "judge_mean" in eval_run.stdout and "ppo vs sft: wins" in eval_run.stdout
+    logged = [json.loads(line) for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["eval/ppo/judge_mean"] == results["policies"]["ppo"]["judge_mean"]
+    assert logged[-1]["eval/reward_model/eval_accuracy"] == 0.75
+
+
+def test_eval_missing_run_dir_is_one_line_error(tmp_path):
+    missing = tmp_path / "no-such-run"
+    result = rlhf("eval", str(missing))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and str(missing) in result.stderr
+
+
+def test_eval_include_base_without_pretrain_is_one_line_error(run_dir):
+    result = rlhf("eval", str(run_dir), "--include-base")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "pretrain" in result.stderr
+
+
+def test_generate_writes_one_row_per_prompt(run_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The film\n\nA bad\nGreat acting\n")
+    out = tmp_path / "out.jsonl"
+    result = rlhf("generate", str(run_dir / "ppo" / "final"), "--prompts", str(prompts), "--out", str(out),
+                  "--max-new-tokens", "6", "--batch-size", "2", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The film", "A bad", "Great acting"]
+    assert all(isinstance(r["response"], str) for r in rows)
+
+
+def test_chat_with_piped_stdin(run_dir):
+    result = rlhf("chat", str(run_dir / "sft" / "final"), "--max-new-tokens", "6", "--system", "Be kind.",
+                  stdin="hello\n/reset\ngreat movie\n/exit\nnot read\n")
+    assert result.returncode == 0, result.stderr
+    assert sum(line.startswith("assistant:") for line in result.stdout.splitlines()) == 2
+    assert "(conversation cleared)" in result.stdout
+
+
+def test_report_writes_pngs_and_markdown(run_dir, eval_run):
+    from matplotlib.image import imread
+
+    result = rlhf("report", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    report_dir = run_dir / "report"
+    pngs = sorted(p.name for p in report_dir.glob("*.png"))
+    assert pngs == ["eval_judge.png", "ppo_loss.png", "ppo_training.png", "reward_loss.png", "sft_loss.png"]
+    for name in pngs:
+        path = report_dir / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = imread(path)
+        assert image.shape[0] > 0 and image.shape[1] > 0
+    md = (report_dir / "report.md").read_text()
+    for name in pngs:
+        assert f"]({name})" in md
+    assert "| policy | judge_mean" in md and "| ppo |" in md
+    assert "| eval_accuracy | 0.75 |" in md  # the reward stage's manifest metrics
+    assert "pretrain: not run" in md  # a missing piece is a note, not a crash
+
+
+def test_metrics_keep_the_last_row_of_a_repeated_step(run_dir):
+    metrics = read_metrics(run_dir / "sft" / "metrics.jsonl")
+    assert metrics["train/loss"] == [(1, 3.7), (2, 3.4), (3, 2.5), (4, 2.4)]
+    assert metrics["eval_loss"] == [(4, 2.9)]
