@@ -304,7 +304,14 @@ class PipelineConfig:
 
     def validate(self, p: str) -> None:
         for name in STAGE_ORDER:
-            ranks = self.stage_deepspeed(name).world_size  # also rejects bad per-stage overrides
+            ds = self.stage_deepspeed(name)  # also rejects bad per-stage overrides
+            if not self.stage(name).enabled:
+                continue
+            from pipeline.ds_config import load_preset  # a misspelled preset fails here, not after a launch
+
+            load_preset(ds.config, f"{name}.deepspeed.config" if "config" in self.stage(name).deepspeed
+                        else "deepspeed.config")
+            ranks = ds.world_size
             if name == "ppo":
                 check(self.ppo.rollout_batch_size % ranks == 0, "ppo.rollout_batch_size",
                       f"must divide across {ranks} ranks (got {self.ppo.rollout_batch_size})")
