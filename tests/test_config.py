@@ -134,15 +134,16 @@ def test_minibatch_larger_than_rollout_batch_is_rejected():
 
 
 def test_rollout_batch_must_divide_across_ranks():
-    message = config_error(TINY, ["deepspeed.num_gpus=3"])  # default rollout batch 16
+    message = config_error(TINY, ["ppo.enabled=true", "deepspeed.num_gpus=3"])  # default rollout batch 16
     assert "ppo.rollout_batch_size" in message and "3 ranks" in message
     cfg = load_config(TINY, ["deepspeed.num_gpus=3", "ppo.rollout_batch_size=24", "ppo.minibatch_size=12"])
     assert cfg.deepspeed.num_gpus == 3
 
 
 def test_rollout_batch_checked_against_ppo_stage_ranks():
-    message = config_error(TINY, ["ppo.deepspeed.num_gpus=3"])
+    message = config_error(TINY, ["ppo.enabled=true", "ppo.deepspeed.num_gpus=3"])
     assert "ppo.rollout_batch_size" in message and "3 ranks" in message
+    load_config(TINY, ["ppo.enabled=false", "ppo.deepspeed.num_gpus=3"])  # a disabled stage is not checked
 
 
 def test_bad_literal_names_allowed_choices():
