@@ -1,0 +1,380 @@
+"""The PPO stage on a tiny Llama: the KV-cache sampler against transformers, then the stage through the
+real CLI on one rank, on two ZeRO-3 ranks (bit-for-bit reproducible), with a LoRA actor, and resumed
+after a SIGKILL to exactly the uninterrupted run's weights and metrics.
+
+Every model is built here from scratch (tokenizer, policy, reward model); nothing comes from the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from pipeline.config import ModelArch
+from pipeline.generation import left_pad, position_ids_from_mask, response_mask, sample, sample_token
+
+ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
+EXPECTED_METRICS = ("reward_mean", "kl_to_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
+                    "response_length", "eos_fraction")
+EXPECTED_EVAL = ("judge_mean_sft", "judge_mean_ppo", "judge_win_rate", "real_word_share_sft", "real_word_share_ppo")
+RUN_TIMEOUT_S = 300
+
+
+@dataclass
+class Tiny:
+    tokenizer: Any
+    policy: Any  # LlamaForCausalLM, in memory for the sampler tests
+    policy_dir: Path  # the same weights saved with the tokenizer: ppo.input
+    reward_dir: Path  # a one-output sequence classifier: ppo.reward_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Tiny:
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.models import build_model, train_tokenizer
+    from pipeline.movie_reviews import load_reviews
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    tokenizer = train_tokenizer([r.text for r in load_reviews()[:300]], vocab_size=400)
+    policy = build_model(ARCH, tokenizer, seed=0).eval()
+    policy_dir, reward_dir = root / "policy", root / "reward"
+    policy.save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    torch.manual_seed(1)
+    reward = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(reward_dir)
+    tokenizer.save_pretrained(reward_dir)
+    return Tiny(tokenizer, policy, policy_dir, reward_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. the sampler: no launcher, models in memory
+
+
+def test_left_pad_hand_example():
+    ids, mask = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_position_ids_start_at_each_rows_first_real_token():
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 3], [0, 0, 0, 1], [0, 0, 1, 2]]
+
+
+def test_response_mask_runs_through_the_first_eos_only():
+    eos = 2
+    responses = torch.tensor([
+        [5, 6, 2, 0, 0],  # EOS at 2: keep 0..2
+        [2, 7, 2, 7, 7],  # EOS first: keep only it, the second EOS is after the end
+        [5, 6, 7, 8, 9],  # no EOS: keep everything
+    ])
+    assert response_mask(responses, eos).tolist() == [
+        [1.0, 1.0, 1.0, 0.0, 0.0],
+        [1.0, 0.0, 0.0, 0.0, 0.0],
+        [1.0, 1.0, 1.0, 1.0, 1.0],
+    ]
+
+
+def test_top_p_keeps_the_top_token_even_below_its_mass():
+    # softmax([3, 2, 1, 0]) = 0.644, 0.237, 0.087, 0.032: the top token alone already holds more than top_p
+    logits = torch.tensor([[1.0, 3.0, 0.0, 2.0]]).repeat(200, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert sample_token(logits, temperature=1.0, top_p=0.01, generator=generator).unique().tolist() == [1]
+    # top_p=0.7: mass before token 3 is 0.644 < 0.7, so it stays; before token 0 it is 0.881 >= 0.7: dropped
+    drawn = sample_token(logits, temperature=1.0, top_p=0.7, generator=generator)
+    assert set(drawn.unique().tolist()) == {1, 3}
+
+
+def _gpt2_like(tokenizer):
+    """A model with absolute position embeddings: shifted position ids change its outputs (RoPE's do not)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+def _sharpened(model, scale: float = 16.0):
+    """A copy with every matrix scaled up: at init a tiny Llama's attention barely moves its argmax, so
+    attending to padding would go unnoticed; scaled, each token depends on its context."""
+    import copy
+
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in sharp.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return sharp
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sample_near_greedy_matches_generate_on_each_prompt_alone(tiny, arch):
+    """Left padding, position ids and the KV cache together: a padded batch decodes like each prompt alone.
+
+    Llama (RoPE) sees only relative positions, so it checks the masks and the cache; GPT-2's absolute
+    position embeddings also catch position ids that count from the padding instead of the prompt.
+    """
+    model = _sharpened(tiny.policy) if arch == "llama" else _gpt2_like(tiny.tokenizer)
+    tok = tiny.tokenizer
+    texts = ["A fine", "This movie was a waste of two", "I rented it because of all the controversy and"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert len({len(p) for p in prompts}) == 3  # three widths, so two rows are left-padded
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    out = sample(model, ids, mask, max_new_tokens=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                 temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    keep = response_mask(out, tok.eos_token_id).bool()
+    for i, prompt in enumerate(prompts):
+        x = torch.tensor([prompt])
+        expected = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt):]
+        assert out[i][keep[i]].tolist() == expected.tolist(), f"row {i} ({len(prompt)} prompt tokens)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage through the CLI
+
+
+def write_config(path: Path, tiny: Tiny, *, name: str = "ppotest", deepspeed: dict | None = None,
+                 eval_enabled: bool = True, **ppo: Any) -> Path:
+    config = {
+        "run": {"name": name, "seed": 0},
+        "deepspeed": deepspeed or {"config": "zero0", "num_gpus": 1},
+        "tracking": "none",
+        "movie_reviews": {"eval_text_docs": 20, "sft_examples": 64, "sft_eval_examples": 16, "reward_pairs": 64,
+                          "reward_eval_pairs": 16, "ppo_prompts": 64, "eval_prompts": 16},
+        "pretrain": {"enabled": False},
+        "sft": {"enabled": False},
+        "reward": {"enabled": False},
+        "ppo": {
+            "input": str(tiny.policy_dir),
+            "reward_model": str(tiny.reward_dir),
+            "data": {"train": "movie-reviews:ppo_train", "eval": "movie-reviews:ppo_eval"},
+            "rollout_batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8,
+            "max_steps": 4, "save_steps": 2, "lr": 1.0e-3, "logging_steps": 1,
+            **ppo,
+        },
+        "eval": {"enabled": eval_enabled, "num_prompts": 8},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def rlhf_command(config: Path, run_dir: Path, *overrides: str) -> list[str]:
+    script = Path(sys.executable).with_name("rlhf")
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    return [*base, "run", str(config), "--run-dir", str(run_dir), *overrides]
+
+
+def cli_env() -> dict[str, str]:
+    # One thread per rank: these matrices are too small to split, and spare threads only contend for the cores.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def rlhf_run(config: Path, run_dir: Path, *overrides: str) -> str:
+    proc = subprocess.run(rlhf_command(config, run_dir, *overrides), env=cli_env(), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, f"rlhf run exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def metric_rows(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl by step; a resumed run appends the steps it redoes, so the last row of a step wins."""
+    rows = {}
+    for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return rows
+
+
+def without_time(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "ppo" / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tiny, tmp_path_factory) -> tuple[Path, Path]:
+    """The uninterrupted 1-rank run: (config, run dir). Shared by the CLI test and the resume test."""
+    root = tmp_path_factory.mktemp("one_rank")
+    config = write_config(root / "ppo.yaml", tiny)
+    run_dir = root / "run_a"
+    rlhf_run(config, run_dir)
+    return config, run_dir
+
+
+# 2. one rank
+
+
+def test_one_rank_trains_saves_and_evaluates(tiny, one_rank_run):
+    from transformers import AutoModelForCausalLM
+
+    _, run_dir = one_rank_run
+    final = run_dir / "ppo" / "final"
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    before = tiny.policy.state_dict()
+    after = trained.state_dict()
+    assert after.keys() == before.keys()
+    assert any(not torch.equal(after[k], before[k]) for k in before), "the actor did not change"
+
+    manifest = json.loads((final / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    for key in (*EXPECTED_METRICS, *EXPECTED_EVAL):
+        assert key in metrics, f"manifest metrics lack {key}: {sorted(metrics)}"
+    assert metrics["steps"] == 4
+    assert set(manifest["evaluation"]["policies"]) == {"sft", "ppo"}
+
+    lines = (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert {"time/rollout_s", "time/score_s", "time/advantages_s", "time/update_s", "time/step_s"} <= row.keys()
+        assert {f"ppo/{k}" for k in EXPECTED_METRICS} <= row.keys()
+    assert rows[0]["ppo/kl_to_ref"] == 0.0  # the actor starts as the reference
+    assert rows[-1]["ppo/reward_mean"] == pytest.approx(metrics["reward_mean"])
+
+
+# 3. two ranks under ZeRO-3: bit-for-bit reproducible
+
+
+def test_two_ranks_zero3_is_deterministic(tiny, tmp_path):
+    config = write_config(tmp_path / "ppo.yaml", tiny, deepspeed={"config": "zero3", "num_gpus": 2},
+                          eval_enabled=False, max_steps=2, save_steps=None)
+    first, second = tmp_path / "first", tmp_path / "second"
+    rlhf_run(config, first)
+    rlhf_run(config, second)
+    assert json.loads((first / "ppo" / "final" / "manifest.json").read_text())["world_size"] == 2
+    weights = final_weights(first)
+    shapes = {k: v.shape for k, v in tiny.policy.state_dict().items()}
+    assert {k: v.shape for k, v in weights.items()} == {k: shapes[k] for k in weights}  # gathered, not shards
+    assert_same_weights(weights, final_weights(second))
+    rows_first, rows_second = metric_rows(first), metric_rows(second)
+    assert sorted(rows_first) == [1, 2]
+    assert [without_time(rows_first[s]) for s in (1, 2)] == [without_time(rows_second[s]) for s in (1, 2)]
+
+
+# 4. LoRA actor
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_lora_actor_merges_into_a_full_model(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, max_steps=2, save_steps=None, lora=LORA)
+    run_dir = tmp_path / "run"
+    rlhf_run(config, run_dir)
+    final = run_dir / "ppo" / "final"
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["lora"] == {"merged": True}
+    merged = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    base = tiny.policy.state_dict()
+    assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in base.items()}
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+
+
+@pytest.fixture
+def single_process_group(monkeypatch):
+    """A one-rank gloo group in this process, for building the engines without the launcher."""
+    import torch.distributed as dist
+
+    from pipeline.launch import free_port
+    from pipeline.worker import init_distributed
+
+    for key, value in {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    init_distributed()
+    yield
+    dist.destroy_process_group()
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tiny, tmp_path, single_process_group):
+    from pipeline.config import load_config
+    from pipeline.context import StageContext
+    from pipeline.rundir import RunDir, stage_inputs
+    from stages.ppo import experience as xp
+    from stages.ppo.engines import build_models
+    from stages.ppo.maths import logprobs_from_logits
+
+    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, lora=LORA))
+    run_dir = RunDir(tmp_path / "run")
+    ctx = StageContext(name="ppo", config=cfg, run_dir=run_dir, inputs=stage_inputs(cfg, "ppo", run_dir),
+                       config_hash="test", deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
+    models = build_models(ctx, tiny.tokenizer, total_updates=4)
+    assert models.reference is None and models.uses_lora  # no separate reference engine
+
+    with torch.no_grad():  # move the actor away from its base, as training would
+        for name, p in models.actor.module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    tok = tiny.tokenizer
+    ids, mask = left_pad([tok("A fine film", add_special_tokens=False)["input_ids"],
+                          tok("It was", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+    responses = torch.tensor([[11, 12, 13], [14, tok.eos_token_id, tok.pad_token_id]])
+    r = xp.Rollout(ids, mask, responses, response_mask(responses, tok.eos_token_id), torch.tensor([False, True]))
+    logprobs, ref_logprobs, _, _ = xp.score(models, r, temperature=1.0)
+    with torch.no_grad():
+        base = logprobs_from_logits(xp.response_logits(tiny.policy, r), responses)
+    torch.testing.assert_close(ref_logprobs, base)
+    assert not torch.allclose(logprobs * r.mask, base * r.mask), "the actor's adapters had no effect"
+
+
+# 5. resume after SIGKILL
+
+
+def test_resume_after_kill_matches_the_uninterrupted_run(one_rank_run, tmp_path):
+    config, run_a = one_rank_run
+    run_b = tmp_path / "run_b"
+    no_eval = "eval.enabled=false"  # the judge runs after the actor is saved: it cannot change what is compared
+    marker = run_b / "ppo" / "checkpoint-2" / "ppo_state.json"  # written last: the checkpoint is complete
+    with open(tmp_path / "killed_run.log", "w") as log:
+        proc = subprocess.Popen(rlhf_command(config, run_b, no_eval), env=cli_env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        finished = proc.poll() is not None
+        if not finished:
+            os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the launcher and the worker: one process group
+        proc.wait()
+    assert marker.exists(), (tmp_path / "killed_run.log").read_text()[-4000:]
+    if finished:  # it outran the poll: drop the result so the rerun still has to resume from checkpoint-2
+        assert proc.returncode == 0, (tmp_path / "killed_run.log").read_text()[-4000:]
+        shutil.rmtree(run_b / "ppo" / "final")
+
+    out = rlhf_run(config, run_b, no_eval)
+    assert f"resumed from {run_b / 'ppo' / 'checkpoint-2'} at step 2" in out, out[-4000:]
+    assert_same_weights(final_weights(run_a), final_weights(run_b))
+    rows_a, rows_b = metric_rows(run_a), metric_rows(run_b)
+    assert sorted(rows_b) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):  # 1-2 from the killed run, 3-4 from the resumed one
+        assert without_time(rows_b[step]) == without_time(rows_a[step]), f"step {step}"
