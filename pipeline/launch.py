@@ -48,6 +48,9 @@ def launcher_env(ds: DeepSpeedSection) -> dict[str, str]:
     if env.get("DS_ACCELERATOR") == "cpu" and "OMP_NUM_THREADS" not in env:
         # CPU ranks share the cores; more threads than cores per rank only thrash.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ds.num_gpus))
+    if env.get("DS_ACCELERATOR") == "cpu":
+        # Spinning OpenMP threads stall each other when any other process holds a core (measured 7x).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # The worker must import this checkout's packages even when not pip-installed.
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -16,16 +17,20 @@ from typing import Any
 
 from pipeline.config import TrackingSection
 
-SECRET_MARKERS = ("key", "token", "secret", "password")
+SECRET_MARKERS = ("key", "token", "secret", "password", "passwd", "credentials")
+
+
+def looks_secret(key: Any) -> bool:
+    """`api_key`, `HF_TOKEN`, `apiKey`, `db-password`: a marker as a word, or ending the last word.
+    Not `tokenizer` or `max_new_tokens`, which merely contain one."""
+    words = re.split(r"[^a-z]+", str(key).lower())
+    return any(w in SECRET_MARKERS for w in words) or words[-1].endswith(SECRET_MARKERS)
 
 
 def scrub(obj: Any) -> Any:
-    """Drop values whose key looks like a credential, at any depth."""
+    """Drop string values whose key looks like a credential, at any depth."""
     if isinstance(obj, dict):
-        return {
-            k: ("<redacted>" if any(m in str(k).lower() for m in SECRET_MARKERS) and isinstance(v, str) else scrub(v))
-            for k, v in obj.items()
-        }
+        return {k: "<redacted>" if looks_secret(k) and isinstance(v, str) else scrub(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub(v) for v in obj]
     return obj
@@ -98,7 +103,9 @@ class WandbTracker:
             dir=str(stage_dir),
             tags=cfg.tags or None,
             notes=cfg.notes,
-            config=scrub(config),
+            # Under one key: the Trainer's W&B callback writes its TrainingArguments (one of them is
+            # `deepspeed`) at the top level of this same run's config and would overwrite ours.
+            config={"pipeline": scrub(config)},
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
         try:

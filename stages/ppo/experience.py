@@ -46,9 +46,10 @@ def sequence_inputs(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def response_logits(model, r: Rollout) -> torch.Tensor:
     """Logits predicting each response token: [B, T, V]."""
     ids, attention, positions = sequence_inputs(r)
-    width = r.prompt_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
-    return logits[:, width - 1 : -1].float()
+    # only the last T+1 positions' logits are needed: skip the LM head over the prompt
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                   logits_to_keep=r.responses.shape[1] + 1).logits
+    return logits[:, :-1].float()
 
 
 def response_values(value_model, r: Rollout) -> torch.Tensor:

@@ -11,6 +11,7 @@ At the end: the actor is saved as the hand-off checkpoint and judged against the
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from typing import Any
@@ -32,17 +33,18 @@ from stages.ppo.evaluate import evaluate_after_training
 from stages.ppo.export import save_actor
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n_prompts))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return tuple(order)
+
+
 def prompt_indices(step: int, n_prompts: int, global_batch: int, rank: int, world: int, seed: int) -> list[int]:
     """The prompts rank `rank` uses at `step`: a slice of a seeded per-epoch shuffle (resumable by step)."""
     local = global_batch // world
     start = step * global_batch + rank * local
-    out = []
-    for i in range(start, start + local):
-        epoch, pos = divmod(i, n_prompts)
-        order = list(range(n_prompts))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        out.append(order[pos])
-    return out
+    return [epoch_order(n_prompts, seed, i // n_prompts)[i % n_prompts] for i in range(start, start + local)]
 
 
 def mean_over_ranks(stats: dict[str, float], device) -> dict[str, float]:
@@ -77,7 +79,7 @@ def update(models, exp: xp.Experience, cfg, minibatch_size: int, generator: torc
                                                      "value_clipfrac", "entropy")}
     n = exp.logprobs.shape[0]
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=generator).to(exp.logprobs.device)
+        order = torch.randperm(n, generator=generator, device=generator.device)
         for start in range(0, n, minibatch_size):
             idx = order[start : start + minibatch_size]
             r, mask = minibatch(exp.rollout, idx), exp.rollout.mask[idx]
@@ -156,7 +158,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     for step in range(start_step, cfg.max_steps):
         timings: dict[str, float] = {}
-        generator = torch.Generator().manual_seed(sampling_seed * 1_000_003 + step * 1009 + rank)
+        generator = torch.Generator(device=device).manual_seed(sampling_seed * 1_000_003 + step * 1009 + rank)
 
         # 1. rollout
         sync(device)
