@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.config import DeepSpeedSection
@@ -56,6 +57,44 @@ def launcher_env(ds: DeepSpeedSection) -> dict[str, str]:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def _mapped_shm() -> set[str]:
+    """Names of DeepSpeed shm buffers some live process still maps."""
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        names.update(part.rsplit("/", 1)[-1] for part in text.split() if SHM_PREFIX in part)
+    return names
+
+
+def release_shm(port: int | None = None, min_age_s: float = 60.0) -> int:
+    """Delete DeepSpeed CPU all-reduce buffers (~70 MB per rank in /dev/shm) that no process uses.
+
+    DeepSpeed's CPU backend creates them per launch and never unlinks them, so every stage launch
+    (and every killed one) would keep RAM until the machine runs out. With `port`, only that
+    finished launch's buffers go; without, any unmapped buffer older than `min_age_s`.
+    """
+    if not SHM_DIR.is_dir():
+        return 0
+    in_use, removed, now = _mapped_shm(), 0, time.time()
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}_*"):
+        mine = port is not None and f"_{port}_" in path.name
+        try:
+            stale = port is None and now - path.stat().st_mtime > min_age_s
+            if (mine or stale) and path.name not in in_use:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def run_launcher(cmd: list[str], env: dict[str, str], log_path: Path) -> int:

@@ -15,7 +15,7 @@ from pipeline import movie_reviews
 from pipeline.checkpoint import atomic_write_text, complete_checkpoints, read_json
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config, read_yaml
 from pipeline.errors import StageFailed, UserError
-from pipeline.launch import launcher_command, launcher_env, run_launcher
+from pipeline.launch import launcher_command, launcher_env, release_shm, run_launcher
 from pipeline.rundir import RunDir, RunLock, completed_final, stage_fingerprint, stage_inputs
 
 
@@ -96,6 +96,7 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
     A stage named in `resume_from` always runs, continuing from that checkpoint.
     """
     resume_from = resume_from or {}
+    release_shm()  # buffers left by earlier launches that were killed
     if uses_movie_reviews(cfg, stages):
         movie_reviews.prepare(cfg.movie_reviews, run_dir.data_dir / "movie-reviews")
     for stage in stages:
@@ -115,7 +116,10 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         log = run_dir.log_dir(stage) / "launch.log"
         print(f"[{stage}] starting on {ds.world_size} rank(s); log: {log}", flush=True)
         started = time.time()
-        code = run_launcher(cmd, launcher_env(ds), log)
+        try:
+            code = run_launcher(cmd, launcher_env(ds), log)
+        finally:
+            release_shm(int(cmd[cmd.index("--master_port") + 1]))
         if code != 0:
             raise StageFailed(stage, code, f"; log: {log}")
         done = completed_final(run_dir, stage) or {}
