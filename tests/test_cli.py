@@ -52,7 +52,7 @@ def start(*args: str | Path) -> subprocess.Popen:
     return proc
 
 
-def finish(proc: subprocess.Popen, timeout: int = 300) -> Result:
+def finish(proc: subprocess.Popen, timeout: int = 900) -> Result:
     timed_out = False
     try:
         proc.wait(timeout=timeout)

@@ -26,7 +26,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def rlhf(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
 
 
 def write_final(stage_dir: Path, model, tokenizer, metrics: dict) -> None:

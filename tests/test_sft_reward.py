@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,12 +38,19 @@ class Result:
     output: str  # stdout and stderr together: a stage's own errors arrive through the launcher's stdout
 
 
-def rlhf(*args: str | Path, timeout: int = 300) -> Result:
+def rlhf(*args: str | Path, timeout: int = 900) -> Result:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([*RLHF, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    return Result(proc.returncode, proc.stdout + proc.stderr)
+    # Its own process group, so a timeout also ends the launcher and the ranks, not only the CLI.
+    proc = subprocess.Popen([*RLHF, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"rlhf {' '.join(map(str, args))} ran over {timeout}s:\n{(stdout + stderr)[-4000:]}")
+    return Result(proc.returncode, stdout + stderr)
 
 
 def run_ok(run_dir: Path, stages: str, *overrides: str) -> Result:
