@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,14 +98,41 @@ def release_shm(port: int | None = None, min_age_s: float = 60.0) -> int:
     return removed
 
 
+def clear_stale_extension_locks(max_age_s: float = 120.0) -> int:
+    """Remove torch-extension build locks left by a process killed while holding one.
+
+    Every rank takes `~/.cache/torch_extensions/*/<op>/lock` briefly when it loads DeepSpeed's
+    CPU communication op (a real build takes ~30 s); a rank killed at that moment leaves the file
+    and every later rank waits on it forever. A lock older than `max_age_s` is such a leftover.
+    """
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    removed = 0
+    for lock in root.glob("*/*/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _watch_locks(stop: threading.Event) -> None:
+    while not stop.wait(15.0):
+        clear_stale_extension_locks()
+
+
 def run_launcher(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
     """Run the launcher, streaming its output to the terminal and to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
+        clear_stale_extension_locks()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout is not None
+        stop = threading.Event()
+        threading.Thread(target=_watch_locks, args=(stop,), daemon=True).start()
         try:
             # Raw chunks, not lines: progress bars redraw with '\r' and must show as they happen.
             while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -115,4 +143,7 @@ def run_launcher(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            stop.set()
+            log.flush()
         return proc.wait()
