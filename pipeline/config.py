@@ -204,6 +204,7 @@ class PPOSection(TrainLoop):
     minibatch_size: int = doc(16, "Samples per PPO update across all ranks.")
     ppo_epochs: int = doc(4, "Passes over each rollout batch.")
     max_new_tokens: int = doc(24, "Longest response.")
+    min_new_tokens: int = doc(0, "EOS is not sampled before this many tokens (rollouts and the eval alike).")
     max_prompt_length: int = doc(64, "Longest prompt in tokens.")
     temperature: float = doc(1.0, "Sampling temperature.")
     top_p: float = doc(1.0, "Nucleus sampling threshold.")
@@ -238,6 +239,8 @@ class PPOSection(TrainLoop):
               "must divide rollout_batch_size")
         check(self.temperature > 0, f"{p}.temperature", "must be > 0")
         check(0 < self.top_p <= 1, f"{p}.top_p", "must be in (0, 1]")
+        check(0 <= self.min_new_tokens <= self.max_new_tokens, f"{p}.min_new_tokens",
+              f"must be in [0, max_new_tokens] (got {self.min_new_tokens})")
         check(self.kl_coef >= 0, f"{p}.kl_coef", "must be >= 0")
         check(self.target_kl > 0, f"{p}.target_kl", "must be > 0")
         check(0 <= self.gamma <= 1, f"{p}.gamma", f"must be in [0, 1] (got {self.gamma})")

@@ -82,7 +82,8 @@ def evaluate_run(rd: RunDir, cfg: PipelineConfig, prompts: list[str], policies: 
     print(f"[eval] {', '.join(policies)} on {len(prompts)} held-out prompts; judge: {cfg.eval.judge}", flush=True)
     results = evaluate_policies(
         policies, reference=policies[BASELINE], prompts=prompts, judge_spec=cfg.eval.judge,
-        max_new_tokens=cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens, temperature=cfg.eval.temperature,
+        max_new_tokens=cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens, min_new_tokens=cfg.ppo.min_new_tokens,
+        temperature=cfg.eval.temperature,
         top_p=cfg.eval.top_p, seed=cfg.eval.seed, baseline=BASELINE,
         reward_model=str(rd.final_dir("reward")) if reward else None,
         device="cuda" if torch.cuda.is_available() else "cpu",

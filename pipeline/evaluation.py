@@ -22,7 +22,8 @@ Judge = Callable[[list[str], list[str]], list[float]]
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, max_prompt_length: int = 256, batch_size: int = 32, device: str = "cpu"):
+             seed: int, max_prompt_length: int = 256, batch_size: int = 32, device: str = "cpu",
+             min_new_tokens: int = 0):
     """Responses for `prompts`: (texts, [(prompt_ids, prompt_mask, responses, mask)] per batch)."""
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
     generator = torch.Generator(device=device).manual_seed(seed)  # multinomial needs it on the model's device
@@ -30,7 +31,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     for start in range(0, len(encoded), batch_size):
         ids, mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id, device)
         responses = sample(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-                           pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator)
+                           pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator,
+                           min_new_tokens=min_new_tokens)
         rmask = response_mask(responses, tokenizer.eos_token_id)
         texts += tokenizer.batch_decode(responses * rmask.long() + tokenizer.pad_token_id * (1 - rmask.long()),
                                         skip_special_tokens=True)
@@ -92,6 +94,7 @@ def evaluate_policies(
     temperature: float,
     top_p: float,
     seed: int,
+    min_new_tokens: int = 0,
     baseline: str = "sft",
     reward_model: str | None = None,
     device: str = "cpu",
@@ -105,12 +108,13 @@ def evaluate_policies(
     results: dict[str, Any] = {"policies": {}, "win_rates": {}, "guards": {}, "samples": {},
                                "settings": {"judge": judge_spec, "n_prompts": len(prompts), "seed": seed,
                                             "temperature": temperature, "top_p": top_p,
-                                            "max_new_tokens": max_new_tokens, "baseline": baseline}}
+                                            "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                                            "baseline": baseline}}
     judged: dict[str, list[float]] = {}
     for name, path in policies.items():
         model = ref_model if Path(path) == Path(reference) else load_model(path, what=f"eval policy {name}").to(device).eval()
         texts, batches = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_p=top_p, seed=seed, device=device)
+                                  top_p=top_p, seed=seed, device=device, min_new_tokens=min_new_tokens)
         lengths = [int(m.sum()) for _, _, _, rm in batches for m in rm]
         judged[name] = [float(x) for x in judge(prompts, texts)]
         summary = judging.summarize_policy(prompts, texts, judged[name], lengths)

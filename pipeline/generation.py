@@ -72,9 +72,11 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Sample responses [B, max_new_tokens] for left-padded prompts; after EOS a row holds `pad_id`.
 
+    EOS cannot be sampled before `min_new_tokens` tokens (as in `generate(min_new_tokens=...)`).
     Stops early once every row has produced EOS (the returned width is then smaller).
     """
     from transformers import DynamicCache
@@ -90,6 +92,9 @@ def sample(
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits = logits.clone()
+            logits[:, eos_id] = float("-inf")
         token = sample_token(logits, temperature, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens[:, t] = token

@@ -100,6 +100,27 @@ def test_top_p_keeps_the_top_token_even_below_its_mass():
     assert set(drawn.unique().tolist()) == {1, 3}
 
 
+class _EosFirst(torch.nn.Module):
+    """A fake LM whose every next-token distribution puts almost all mass on EOS (id 2)."""
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(*input_ids.shape, 5)
+        logits[..., 2] = 20.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_min_new_tokens_holds_eos_back_then_lets_it_through():
+    ids, mask = torch.tensor([[3, 4], [0, 4]]), torch.tensor([[1, 1], [0, 1]])
+    generator = torch.Generator().manual_seed(0)
+    out = sample(_EosFirst(), ids, mask, max_new_tokens=8, eos_id=2, pad_id=0, generator=generator, min_new_tokens=3)
+    assert out.shape == (2, 4)  # three non-EOS tokens, then EOS (near-certain) on both rows, then it stops
+    assert (out[:, :3] != 2).all() and (out[:, 3] == 2).all()
+    free = sample(_EosFirst(), ids, mask, max_new_tokens=8, eos_id=2, pad_id=0, generator=generator)
+    assert free.tolist() == [[2], [2]]
+
+
 def _gpt2_like(tokenizer):
     """A model with absolute position embeddings: shifted position ids change its outputs (RoPE's do not)."""
     from transformers import GPT2Config, GPT2LMHeadModel

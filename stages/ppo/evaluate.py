@@ -22,7 +22,8 @@ def evaluate_after_training(ctx: StageContext) -> dict[str, Any]:
     sft = ctx.input_path("actor")
     results = evaluate_policies(
         {"sft": sft, "ppo": str(ctx.staging_final)}, reference=sft, prompts=prompts, judge_spec=cfg.eval.judge,
-        max_new_tokens=cfg.eval.max_new_tokens or ctx.section.max_new_tokens, temperature=cfg.eval.temperature,
+        max_new_tokens=cfg.eval.max_new_tokens or ctx.section.max_new_tokens,
+        min_new_tokens=ctx.section.min_new_tokens, temperature=cfg.eval.temperature,
         top_p=cfg.eval.top_p, seed=cfg.eval.seed, reward_model=ctx.input_path("reward_model"),
         device=ctx.device,
     )

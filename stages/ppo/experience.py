@@ -72,6 +72,7 @@ def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) ->
         responses = sample(
             model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+            min_new_tokens=cfg.min_new_tokens,
         )
     mask = response_mask(responses, tokenizer.eos_token_id)
     ended = (responses == tokenizer.eos_token_id).any(-1)
