@@ -177,7 +177,13 @@ def perplexity(loss: float) -> float:
 
 
 def train_metrics(trainer) -> dict[str, Any]:
-    """The last logged training loss and the run's step count, from the Trainer's history."""
+    """The last logged training loss, the run's step count and what each rank held (pipeline.sharding).
+
+    Every rank calls it after training: the sharding measurement gathers over ranks.
+    """
+    from pipeline import sharding
+
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
-    return {"train_loss": losses[-1] if losses else float("nan"), "steps": trainer.state.global_step}
+    return {"train_loss": losses[-1] if losses else float("nan"), "steps": trainer.state.global_step,
+            "sharding": sharding.report({"model": trainer.model_wrapped})}  # the DeepSpeed engine

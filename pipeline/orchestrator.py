@@ -17,6 +17,7 @@ from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_co
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import launcher_command, launcher_env, release_shm, run_launcher
 from pipeline.rundir import RunDir, RunLock, completed_final, stage_fingerprint, stage_inputs
+from pipeline.sharding import describe as describe_sharding
 
 
 def default_run_dir(cfg: PipelineConfig) -> Path:
@@ -187,6 +188,8 @@ def status_lines(run_dir: RunDir) -> list[str]:
                     lines.append(f"  input {key}: {value['path']}")
             lines.append(f"  checkpoint: {run_dir.final_dir(stage)}")
             lines.append(f"  metrics: {fmt_metrics(manifest.get('metrics', {}), limit=20)}")
+            if "sharding" in manifest.get("metrics", {}):
+                lines.append(f"  sharding: {describe_sharding(manifest['metrics']['sharding'])}")
             lines.append(f"  finished: {manifest.get('finished_at')}  config hash: {manifest.get('config_hash')}")
         if info["checkpoints"]:
             lines.append(f"  periodic checkpoints: {', '.join(Path(p).name for p in info['checkpoints'])}")

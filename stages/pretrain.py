@@ -101,7 +101,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics: dict[str, Any] = {"train_blocks": len(train_blocks), "seq_len": cfg.seq_len}
     trainer.train(resume_from_checkpoint=resume)
     metrics.update(read_json(initial_file) or {})
-    metrics.update(train_metrics(trainer), parameters=model.num_parameters())
+    metrics.update(train_metrics(trainer))
+    metrics["parameters"] = metrics["sharding"]["engines"]["model"]["params_total"]  # whole, also under ZeRO-3
     if eval_blocks is not None:
         loss = trainer.evaluate()["eval_loss"]
         metrics.update(eval_loss=loss, perplexity=perplexity(loss))

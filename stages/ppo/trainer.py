@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline import sharding
 from pipeline.context import StageContext
 from pipeline.data import load_rows
 from pipeline.errors import UserError
@@ -236,5 +237,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     barrier()
     result = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("ppo/")}
     result["steps"] = cfg.max_steps
+    result["sharding"] = sharding.report({"actor": models.actor, "critic": models.critic,
+                                          "reference": models.reference, "reward": models.reward})
     result.update(evaluate_after_training(ctx))
     return result
