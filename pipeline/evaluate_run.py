@@ -72,24 +72,40 @@ def check_judge(spec: str) -> None:
         raise UserError(f"eval.judge: {err}") from None
 
 
+def eval_settings(cfg: PipelineConfig, n_prompts: int) -> dict[str, Any]:
+    """The sampling and judging settings an evaluation of this config uses (as results.json records them)."""
+    return {"judge": cfg.eval.judge, "n_prompts": n_prompts, "seed": cfg.eval.seed,
+            "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+            "max_new_tokens": cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens,
+            "min_new_tokens": cfg.ppo.min_new_tokens, "baseline": BASELINE}
+
+
 def evaluate_run(rd: RunDir, cfg: PipelineConfig, prompts: list[str], policies: dict[str, str]) -> dict[str, Any]:
     """Generate from each policy, judge, compare with sft; write results.json, print and log them."""
     import torch
 
-    from pipeline.evaluation import evaluate_policies, format_table
+    from pipeline.evaluation import evaluate_policies
 
     reward = completed_final(rd, "reward")
+    settings = eval_settings(cfg, len(prompts))
     print(f"[eval] {', '.join(policies)} on {len(prompts)} held-out prompts; judge: {cfg.eval.judge}", flush=True)
     results = evaluate_policies(
-        policies, reference=policies[BASELINE], prompts=prompts, judge_spec=cfg.eval.judge,
-        max_new_tokens=cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens, min_new_tokens=cfg.ppo.min_new_tokens,
-        temperature=cfg.eval.temperature,
-        top_p=cfg.eval.top_p, seed=cfg.eval.seed, baseline=BASELINE,
+        policies, reference=policies[BASELINE], prompts=prompts, judge_spec=settings["judge"],
+        max_new_tokens=settings["max_new_tokens"], min_new_tokens=settings["min_new_tokens"],
+        temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"], baseline=BASELINE,
         reward_model=str(rd.final_dir("reward")) if reward else None,
         device="cuda" if torch.cuda.is_available() else "cpu",
     )
     for name, path in policies.items():
         results["policies"][name]["path"] = path
+    return publish(rd, cfg, results)
+
+
+def publish(rd: RunDir, cfg: PipelineConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """Add the reward model's held-out accuracy; write results.json, print the table, log to the tracker."""
+    from pipeline.evaluation import format_table
+
+    reward = completed_final(rd, "reward")
     results["reward_model"] = reward and {
         "path": str(rd.final_dir("reward")),
         "eval_accuracy": reward.get("metrics", {}).get("eval_accuracy"),  # held-out preference pairs
@@ -101,6 +117,24 @@ def evaluate_run(rd: RunDir, cfg: PipelineConfig, prompts: list[str], policies: 
     log_results(cfg, rd, results)
     print(f"[eval] results: {results_path(rd)}", flush=True)
     return results
+
+
+def ppo_stage_evaluation(rd: RunDir, cfg: PipelineConfig, n_prompts: int) -> dict[str, Any] | None:
+    """The evaluation the ppo stage ran on its own final checkpoint, if it is exactly the one the end of
+    `rlhf run` would run now: the same sft and ppo checkpoints, reward model, prompts and settings."""
+    ppo = completed_final(rd, "ppo")
+    sft = completed_final(rd, "sft")
+    results = (ppo or {}).get("evaluation")
+    if not results or sft is None:
+        return None
+    inputs = ppo.get("inputs", {})
+    paths = {name: Path(policy.get("path", "")).resolve() for name, policy in results.get("policies", {}).items()}
+    same_policies = paths == {"sft": rd.final_dir("sft").resolve(), "ppo": rd.final_dir("ppo").resolve()}
+    same_inputs = (inputs.get("actor", {}).get("config_hash") == sft.get("config_hash")
+                   and Path(inputs.get("reward_model", {}).get("path", "")).resolve() == rd.final_dir("reward").resolve())
+    if same_policies and same_inputs and results.get("settings") == eval_settings(cfg, n_prompts):
+        return results
+    return None
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -161,4 +195,11 @@ def evaluate_after_pipeline(rd: RunDir, cfg: PipelineConfig) -> None:
         print("[eval] skipped: no held-out prompts (set eval.prompts or ppo.data.eval)", flush=True)
         return
     check_judge(cfg.eval.judge)
+    reused = ppo_stage_evaluation(rd, cfg, len(prompts))
+    if reused is not None:
+        # The same policies, prompts, seeds and settings give the same numbers: do not generate twice.
+        print(f"[eval] the ppo stage already evaluated sft and ppo on these {len(prompts)} prompts with these "
+              "settings; reusing its results (`rlhf eval` regenerates)", flush=True)
+        publish(rd, cfg, reused)
+        return
     evaluate_run(rd, cfg, prompts, find_policies(rd, include_base=False))

@@ -162,3 +162,35 @@ def test_metrics_keep_the_last_row_of_a_repeated_step(run_dir):
     metrics = read_metrics(run_dir / "sft" / "metrics.jsonl")
     assert metrics["train/loss"] == [(1, 3.7), (2, 3.4), (3, 2.5), (4, 2.4)]
     assert metrics["eval_loss"] == [(4, 2.9)]
+
+
+def test_end_of_run_reuses_the_ppo_stage_evaluation_only_when_nothing_differs(run_dir, eval_run, tmp_path):
+    """`rlhf run` does not generate twice: it takes the ppo stage's own evaluation when it judged the same
+    sft and ppo checkpoints, with the same reward model, prompts and settings; anything else re-runs it."""
+    import shutil
+
+    from pipeline.evaluate_run import eval_settings, ppo_stage_evaluation
+    from pipeline.orchestrator import load_run_config
+    from pipeline.rundir import RunDir
+
+    root = tmp_path / "run"
+    shutil.copytree(run_dir, root)
+    rd, cfg = RunDir(root), load_run_config(RunDir(root))
+    stage_eval = json.loads((run_dir / "eval" / "results.json").read_text())
+    for name in ("sft", "ppo"):
+        stage_eval["policies"][name]["path"] = str(root / name / "final")
+    manifest = json.loads((root / "ppo" / "final" / "manifest.json").read_text())
+    manifest["inputs"] = {"actor": {"path": str(root / "sft" / "final"), "config_hash": "test"},
+                          "reward_model": {"path": str(root / "reward" / "final"), "config_hash": "test"}}
+    manifest["evaluation"] = stage_eval
+    write_json(root / "ppo" / "final" / "manifest.json", manifest)
+
+    assert stage_eval["settings"] == eval_settings(cfg, 4)
+    assert ppo_stage_evaluation(rd, cfg, 4) == stage_eval
+    assert ppo_stage_evaluation(rd, cfg, 3) is None  # other prompts
+    cfg.eval.seed += 1
+    assert ppo_stage_evaluation(rd, cfg, 4) is None  # other sampling
+    cfg.eval.seed -= 1
+    manifest["inputs"]["actor"]["config_hash"] = "an older sft"
+    write_json(root / "ppo" / "final" / "manifest.json", manifest)
+    assert ppo_stage_evaluation(rd, cfg, 4) is None  # ppo was trained from another sft than the run's

@@ -103,6 +103,9 @@ def _engine(model, ds: dict[str, Any], lr: float | None = None, weight_decay: fl
     optimizer = _optimizer(params, lr, weight_decay, ds)
     lr_scheduler = _scheduler(optimizer, *scheduler) if scheduler else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds)
+    if ds_config.zero_stage(ds) == 0 and deepspeed.comm.get_world_size() == 1:
+        # An all-reduce over one rank averages nothing but still flattens and copies every gradient.
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -27,6 +27,7 @@ def evaluate_after_training(ctx: StageContext) -> dict[str, Any]:
         top_p=cfg.eval.top_p, seed=cfg.eval.seed, reward_model=ctx.input_path("reward_model"),
         device=ctx.device,
     )
+    results["policies"]["sft"]["path"] = sft
     results["policies"]["ppo"]["path"] = str(ctx.run_dir.final_dir("ppo"))
     ctx.extra_manifest["evaluation"] = results
     print(format_table(results), flush=True)
