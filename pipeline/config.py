@@ -279,6 +279,8 @@ class MovieReviewsSection:
     eval_text_docs: int = doc(400, "Reviews held out for pretraining perplexity.")
     sft_examples: int = doc(4000, "SFT training examples.")
     sft_eval_examples: int = doc(200, "Held-out SFT examples.")
+    reward_words: int | None = doc(None, "Words of each preference response (a longer stretch of the same "
+                                         "continuation); unset uses continuation_words.")
     reward_pairs: int = doc(3000, "Preference pairs for training.")
     reward_eval_pairs: int = doc(400, "Held-out preference pairs.")
     ppo_prompts: int = doc(2000, "PPO training prompts.")
@@ -288,7 +290,7 @@ class MovieReviewsSection:
     def validate(self, p: str) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int) and f.name != "seed":
+            if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed":
                 check(value >= 1, f"{p}.{f.name}", "must be >= 1")
         check(self.min_words > self.prompt_words, f"{p}.min_words", "must be > prompt_words")
 

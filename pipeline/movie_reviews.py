@@ -12,7 +12,8 @@ the same code path as user data (`movie-reviews:<split>` in a config names one):
 A preference pair never comes from a lexicon: chosen is the continuation of a review humans
 labelled positive, rejected that of one labelled negative. Half the pairs take the prompt from
 the positive review, half from the negative one, so "continues the prompt's own review" is not
-a shortcut the reward model can learn.
+a shortcut the reward model can learn. Pair responses may be longer than SFT completions
+(`reward_words`): more of the same continuation gives the reward model more sentiment to read.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ def load_reviews() -> list[Review]:
     return reviews
 
 
-def _opening(review: Review, cfg: MovieReviewsSection) -> tuple[str, str]:
+def _opening(review: Review, cfg: MovieReviewsSection, words_after: int | None = None) -> tuple[str, str]:
+    """(instruction + the review's first words, the next `words_after` words: continuation_words by default)"""
     words = review.text.split()
     opening = " ".join(words[: cfg.prompt_words])
-    continuation = " ".join(words[cfg.prompt_words : cfg.prompt_words + cfg.continuation_words])
+    continuation = " ".join(words[cfg.prompt_words : cfg.prompt_words + (words_after or cfg.continuation_words)])
     return f"{cfg.instruction} {opening}", continuation
 
 
@@ -99,7 +101,7 @@ def build_splits(cfg: MovieReviewsSection) -> dict[str, list[dict]]:
         rows = []
         pos, neg = _take(positive, n, what), _take(negative, n, what)
         for i, (p, q) in enumerate(zip(pos, neg)):
-            (p_prompt, p_cont), (q_prompt, q_cont) = _opening(p, cfg), _opening(q, cfg)
+            (p_prompt, p_cont), (q_prompt, q_cont) = _opening(p, cfg, cfg.reward_words), _opening(q, cfg, cfg.reward_words)
             prompt = p_prompt if i % 2 == 0 else q_prompt
             rows.append({"prompt": prompt, "chosen": p_cont, "rejected": q_cont})
         return rows

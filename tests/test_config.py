@@ -585,3 +585,22 @@ def test_prepare_writes_jsonl_once_per_recipe(tmp_path, monkeypatch, splits):
     other = MovieReviewsSection(**{**SMALL.__dict__, "seed": 5})
     movie_reviews.prepare(other, out)
     assert calls[-1] == other  # a new recipe rebuilds
+
+
+def test_reward_words_lengthen_the_pair_responses_only(reviews, monkeypatch):
+    """Preference responses may run longer than the SFT completions: the same continuation, further on."""
+    monkeypatch.setattr(movie_reviews, "load_reviews", lambda: list(reviews))
+    longer = MovieReviewsSection(**{**SMALL.__dict__, "reward_words": 40, "min_words": 50})
+    splits = movie_reviews.build_splits(longer)
+    label_of = {opening(r.text, longer): r.label for r in reviews}
+    long_label_of = {}
+    for r in reviews:
+        words = r.text.split()
+        long_label_of[" ".join(words[longer.prompt_words:longer.prompt_words + 40])] = r.label
+    for name in ("reward_train", "reward_eval"):
+        for row in splits[name]:
+            assert len(row["chosen"].split()) == len(row["rejected"].split()) == 40  # min_words keeps them whole
+            assert long_label_of[row["chosen"]] == 1 and long_label_of[row["rejected"]] == 0
+    for name in ("sft_train", "sft_eval"):
+        assert all((r["prompt"], r["completion"]) in label_of and len(r["completion"].split()) == 20
+                   for r in splits[name])
