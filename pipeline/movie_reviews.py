@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.checkpoint import atomic_write_text, read_json, write_json
 from pipeline.config import MovieReviewsSection, stable_hash
+from pipeline.errors import ConfigError
 from pipeline.typed import to_dict
 
 SPLITS = (
@@ -75,9 +76,15 @@ def _opening(review: Review, cfg: MovieReviewsSection, words_after: int | None =
     return f"{cfg.instruction} {opening}", continuation
 
 
+SIZE_KEYS = {"ppo_eval": "eval_prompts", "ppo_train": "ppo_prompts", "reward_eval": "reward_eval_pairs",
+             "reward_train": "reward_pairs", "sft_eval": "sft_eval_examples", "sft_train": "sft_examples",
+             "pretrain_eval": "eval_text_docs"}
+
+
 def _take(pool: list[Review], n: int, what: str) -> list[Review]:
     if len(pool) < n:
-        raise ValueError(f"movie_reviews: only {len(pool)} reviews left for {what}, {n} asked")
+        raise ConfigError(f"movie_reviews.{SIZE_KEYS[what]}", f"asks for {n} reviews for {what} but only {len(pool)} "
+                          f"are left after the splits before it (lower the split sizes or movie_reviews.min_words)")
     taken = pool[:n]
     del pool[:n]
     return taken

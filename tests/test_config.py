@@ -604,3 +604,11 @@ def test_reward_words_lengthen_the_pair_responses_only(reviews, monkeypatch):
     for name in ("sft_train", "sft_eval"):
         assert all((r["prompt"], r["completion"]) in label_of and len(r["completion"].split()) == 20
                    for r in splits[name])
+
+
+def test_splits_larger_than_the_data_name_the_key(reviews, monkeypatch):
+    from pipeline.errors import ConfigError
+
+    monkeypatch.setattr(movie_reviews, "load_reviews", lambda: list(reviews))
+    with pytest.raises(ConfigError, match=r"^movie_reviews\.reward_pairs: asks for 50000 reviews .* only \d+ are left"):
+        movie_reviews.build_splits(MovieReviewsSection(**{**SMALL.__dict__, "reward_pairs": 50000}))
