@@ -14,6 +14,7 @@ Errors a user can fix print as one line and exit with code 2; `--debug` adds the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     if extra:
         args.overrides = list(args.overrides) + extra
     assert set(COMMANDS) == set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    if args.debug:
+        os.environ["RLHF_DEBUG"] = "1"  # the stage processes (pipeline.worker) print their tracebacks too
     try:
         code = COMMANDS[args.command](args)
     except UserError as err:

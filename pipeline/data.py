@@ -7,6 +7,7 @@ the row and the field.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -39,28 +40,53 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _is_local(source: str) -> bool:
+def is_local_source(source: str) -> bool:
     return Path(source).suffix in LOCAL_FORMATS or source.startswith((".", "/", "~")) or os.path.exists(source)
+
+
+def _is_blank(path: Path) -> bool:
+    """True when a text file holds nothing but whitespace (read only up to its first other byte)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """`line N: ...` for the first line of a JSONL file that is not a JSON object, or None."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number}: not valid JSON ({err.msg} at column {err.colno})"
+            if not isinstance(row, dict):
+                return f"line {number}: expected a JSON object, got {type(row).__name__}"
+    return None
 
 
 def load_dataset_any(source: str, split: str, what: str):
     """A `datasets.Dataset` from a local JSONL/JSON/parquet/CSV file or a hub dataset name."""
     import datasets
 
-    if _is_local(source):
+    if is_local_source(source):
         path = Path(source).expanduser()
         if not path.exists():
             raise DataError(f"{what}: data file not found: {path}")
         fmt = LOCAL_FORMATS.get(path.suffix)
         if fmt is None:
             raise DataError(f"{what}: {path}: unsupported format; use one of {', '.join(LOCAL_FORMATS)}")
-        if path.stat().st_size == 0:
+        if fmt != "parquet" and _is_blank(path):
             raise DataError(f"{what}: {path}: file is empty")
         try:
             return datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as err:  # datasets wraps parse errors in several types
-            raise DataError(f"{what}: {path}: cannot be read as {fmt} ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200]})") from None
+            where = _bad_json_line(path) if path.suffix == ".jsonl" else None
+            raise DataError(f"{what}: {path}: " + (where or f"cannot be read as {fmt} ({type(err).__name__}: "
+                                                            f"{str(err).splitlines()[0][:200]})")) from None
     if not hub_reachable():
         raise DataError(f"{what}: '{source}' is not a local file and the Hugging Face hub is offline")
     try:

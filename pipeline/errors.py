@@ -24,9 +24,11 @@ class DataError(UserError):
 
 
 class StageFailed(Exception):
-    """A stage process exited non-zero; its own error was already printed."""
+    """A stage process exited non-zero; `cause` is the stage's own one-line error, when it printed one."""
 
-    def __init__(self, stage: str, returncode: int, log_hint: str = ""):
+    def __init__(self, stage: str, returncode: int, log_hint: str = "", cause: str | None = None):
         self.stage = stage
         self.returncode = returncode
-        super().__init__(f"stage '{stage}' failed (exit code {returncode}){log_hint}")
+        self.cause = cause
+        what = f": {cause}" if cause else f" (exit code {returncode})"
+        super().__init__(f"stage '{stage}' failed{what}{log_hint}")

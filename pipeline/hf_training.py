@@ -54,6 +54,7 @@ def training_kwargs(ctx: StageContext, section: TrainLoop) -> dict[str, Any]:
         lr_scheduler_type=section.lr_scheduler,
         max_grad_norm=section.max_grad_norm,
         logging_steps=section.logging_steps,
+        logging_nan_inf_filter=False,  # else a NaN/inf step is logged as the mean of its window, unseen
         eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every,
         save_strategy="steps" if section.save_steps else "no",
@@ -117,19 +118,36 @@ class CompleteCheckpoints(TrainerCallback):
             dist.barrier()
 
 
+def check_finite(stage: str, values: dict[str, Any], step: int, stage_dir: Path) -> None:
+    """Stop on the first NaN/inf among `values`, naming the step and the last good checkpoint (kept as is)."""
+    for key, value in values.items():
+        if value is not None and not math.isfinite(value):
+            good = complete_checkpoints(stage_dir)
+            raise UserError(f"{stage}: {key} is {value} at step {step}; last good checkpoint: "
+                            f"{good[-1] if good else 'none (nothing saved yet)'}")
+
+
 class FiniteLossGuard(TrainerCallback):
-    """Stop on the first NaN/inf loss, naming the step and the last good checkpoint (kept as is)."""
+    """Stop on the first NaN/inf loss or gradient norm, naming the step and the last good checkpoint.
+
+    Every save step logs first (the Trainer logs, then saves), so a checkpoint is written only once
+    the loss of every step since the previous log was seen to be finite: a diverged model never
+    becomes a checkpoint, nor pushes the last good one out of the rotation.
+    """
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
+        fp16 = deepspeed_dict(ctx, ctx.section).get("fp16", {}).get("enabled") is True
+        # fp16 loss scaling skips overflowing steps on purpose: an inf gradient norm is expected there
+        self.keys = ("loss", "eval_loss") if fp16 else ("loss", "grad_norm", "eval_loss")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # set by the Trainer's own flow callback, which runs first
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "eval_loss"):
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value):
-                good = complete_checkpoints(self.ctx.output_dir)
-                raise UserError(f"{self.ctx.name}: {key} is {value} at step {state.global_step}; last good "
-                                f"checkpoint: {good[-1] if good else 'none (nothing saved yet)'}")
+        check_finite(self.ctx.name, {k: (logs or {}).get(k) for k in self.keys}, state.global_step,
+                     self.ctx.output_dir)
 
 
 def check_resumable(path: Path, ctx: StageContext, stage_config: dict[str, Any]) -> None:

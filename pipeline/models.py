@@ -115,6 +115,8 @@ def check_model_tokenizer(model, tokenizer, what: str) -> None:
     """Refuse a tokenizer whose ids the model cannot embed."""
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embed:
-        raise UserError(f"{what}: tokenizer has {len(tokenizer)} tokens but the model embeds only {n_embed}")
+        raise UserError(f"{what}: tokenizer has {len(tokenizer)} tokens but the model ({model.name_or_path}) embeds "
+                        f"only {n_embed}; resize the embeddings or use the model's own tokenizer")
     if tokenizer.pad_token is None:
-        raise UserError(f"{what}: tokenizer has no pad token; set one (e.g. tokenizer.pad_token = eos) and save it")
+        raise UserError(f"{what}: tokenizer ({tokenizer.name_or_path}) has no pad token; set one "
+                        "(e.g. tokenizer.pad_token = eos) and save it")

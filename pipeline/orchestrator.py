@@ -7,6 +7,7 @@ launched, and the next one reads its input from the manifest it published.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,79 @@ def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str
     for key, entry in inputs.items():
         path = entry and entry["path"]
         if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
-            raise UserError(f"{stage}: input '{key}' not found: {path}")
+            raise UserError(f"{INPUT_KEYS[stage][key]}: path not found: {path}")
+
+
+# The config key that names each input of a stage (the keys of rundir.stage_inputs).
+INPUT_KEYS = {
+    "pretrain": {"model": "pretrain.input", "tokenizer": "pretrain.tokenizer"},
+    "sft": {"model": "sft.input"},
+    "reward": {"model": "reward.input"},
+    "ppo": {"actor": "ppo.input", "reward_model": "ppo.reward_model", "critic": "ppo.critic"},
+}
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.ckpt", "consolidated*.pth")
+
+
+def check_model_dir(path: Path, key: str) -> None:
+    """A local model input must be a checkpoint dir with safetensors weights (pickle weights are never loaded)."""
+    if not path.is_dir():
+        raise UserError(f"{key}: {path} is not a checkpoint directory")
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise UserError(f"{key}: {path} holds no config.json; not a Hugging Face checkpoint")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+        why = (f"only pickle weights ({', '.join(pickled)}), which are never loaded; convert them to safetensors"
+               if pickled else "no *.safetensors weights")
+        raise UserError(f"{key}: {path} holds {why}")
+
+
+def check_reward_head(path: Path, key: str) -> None:
+    """A reward model must score with exactly one output (a fresh head would score at random)."""
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict):
+        return  # adapters only: the stage checks the loaded model
+    outputs = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
+    if outputs != 1:
+        raise UserError(f"{key}: {path} has {outputs} outputs (config.json); a reward model needs exactly one")
+
+
+def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) -> None:
+    """Checks for a stage about to launch (not one being skipped): hub access, weights format, reward head."""
+    from pipeline.data import hub_reachable, is_local_source
+
+    remote: list[tuple[str, str]] = []  # (config key, hub id)
+    for key, entry in inputs.items():
+        path = entry and entry["path"]
+        if not path:
+            continue
+        local = Path(path).expanduser()
+        if not local.exists():
+            remote.append((INPUT_KEYS[stage][key], path))
+        elif key != "tokenizer":
+            check_model_dir(local, INPUT_KEYS[stage][key])
+            if key == "reward_model":
+                check_reward_head(local, INPUT_KEYS[stage][key])
+    for split in ("train", "eval"):
+        source = getattr(cfg.stage(stage).data, split)
+        if source and not source.startswith(movie_reviews.PREFIX) and not is_local_source(source):
+            remote.append((f"{stage}.data.{split}", source))
+    if remote and not hub_reachable():
+        key, name = remote[0]
+        raise UserError(f"{key}: '{name}' is not a local path and the Hugging Face hub is offline "
+                        "(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set, or huggingface.co cannot be reached)")
+
+
+def stage_error(log: Path, offset: int) -> str | None:
+    """The stage's own one-line error (`error: ...`, printed by a rank) from what this launch added to its log."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # at the start of a line, or right after a progress bar the rank was drawing (`... 4/6 [00:01, 3.1it/s]`)
+    errors = re.findall(r"(?:^|(?<=\]))error: (.+)", text.replace("\r", "\n"), flags=re.MULTILINE)
+    return errors[-1].strip() if errors else None
 
 
 def supersede_checkpoints(run_dir: RunDir, stage: str, old_hash: str) -> None:
@@ -108,6 +181,7 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         if manifest and manifest.get("config_hash") == fingerprint and stage not in resume_from:
             print(f"[{stage}] skipped: {run_dir.final_dir(stage)} is up to date (config hash {fingerprint})")
             continue
+        preflight_launch(cfg, stage, inputs)
         if manifest and stage not in resume_from:
             supersede_checkpoints(run_dir, stage, manifest["config_hash"])
         ds = cfg.stage_deepspeed(stage)
@@ -117,12 +191,13 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         log = run_dir.log_dir(stage) / "launch.log"
         print(f"[{stage}] starting on {ds.world_size} rank(s); log: {log}", flush=True)
         started = time.time()
+        offset = log.stat().st_size if log.exists() else 0
         try:
             code = run_launcher(cmd, launcher_env(ds), log)
         finally:
             release_shm(int(cmd[cmd.index("--master_port") + 1]))
         if code != 0:
-            raise StageFailed(stage, code, f"; log: {log}")
+            raise StageFailed(stage, code, f"; log: {log}", cause=stage_error(log, offset))
         done = completed_final(run_dir, stage) or {}
         print(f"[{stage}] done in {time.time() - started:.0f}s: {fmt_metrics(done.get('metrics', {}))}", flush=True)
 

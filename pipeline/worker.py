@@ -92,17 +92,34 @@ def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None, force_resum
         dist.destroy_process_group()
 
 
-def disk_full_message(run_dir: Path, stage: str, err: OSError) -> str:
+def is_write_failure(err: BaseException) -> bool:
+    """Disk full or over quota: an OSError, or torch.save's RuntimeError from its C++ file writer."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(err, RuntimeError) and "PytorchStreamWriter failed writing" in str(err)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def disk_full_message(run_dir: Path, stage: str, err: BaseException) -> str:
     """Where the write failed, how much a checkpoint of this stage takes, and how much is free."""
     from pipeline.checkpoint import complete_checkpoints
 
     stage_dir = RunDir(run_dir).stage_dir(stage)
+    filename = getattr(err, "filename", None)
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else "write failed"
     previous = complete_checkpoints(stage_dir)
-    needed = sum(f.stat().st_size for f in previous[-1].rglob("*") if f.is_file()) if previous else 0
+    if previous:
+        needed = f"a checkpoint needs about {_size(previous[-1]) / 2**20:.1f} MiB"
+    else:  # the first save: what it had written before the failure is a lower bound
+        failed = next((p for p in Path(filename).parents if p.parent == stage_dir), None) if filename else None
+        needed = (f"a checkpoint needs more than {_size(failed) / 2**20:.1f} MiB" if failed
+                  else "checkpoint size unknown (none saved yet)")
     free = shutil.disk_usage(stage_dir if stage_dir.exists() else run_dir).free
     kept = f"; last good checkpoint kept: {previous[-1]}" if previous else ""
-    return (f"{stage}: disk full writing {err.filename or stage_dir}: a checkpoint needs about "
-            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free{kept}")
+    return f"{stage}: {reason} writing {filename or stage_dir}: {needed}, {free / 2**20:.1f} MiB free{kept}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,10 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RLHF_DEBUG"):
             traceback.print_exc()
         sys.exit(err.exit_code)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as err:
+        if not is_write_failure(err):
             raise
         print(f"error: {disk_full_message(Path(args.run_dir), args.stage, err)}", file=sys.stderr)
+        if os.environ.get("RLHF_DEBUG"):
+            traceback.print_exc()
         sys.exit(UserError.exit_code)
 
 

@@ -52,6 +52,9 @@ def as_chat(rows):
 
 def prompt_completion(rows, tokenizer, source: str):
     """Every row as a prompt/completion pair, so TRL puts the loss on the completion only."""
+    if not tokenizer.chat_template and ("messages" in rows.column_names or not isinstance(rows[0]["prompt"], str)):
+        raise UserError(f"{source}: rows are chat turns, but the tokenizer of sft.input ({tokenizer.name_or_path}) "
+                        "has no chat template; give it one (tokenizer.chat_template) or use prompt/completion strings")
     if "messages" in rows.column_names:
         return split_conversation(rows, source)
     if tokenizer.chat_template and isinstance(rows[0]["prompt"], str):

@@ -206,7 +206,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "time/step_s": sum(timings.values()),
         }
         step_stats = mean_over_ranks(step_stats, device)
-        for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/reward_mean"):
+        for key in ("ppo/reward_mean", "ppo/policy_loss", "ppo/value_loss"):  # the cause before its effects
             if not torch.isfinite(torch.tensor(step_stats[key])):
                 last = ckpt.complete_checkpoints(ctx.output_dir)
                 raise UserError(f"ppo: {key} is not finite at step {step + 1}; last good checkpoint: "
