@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,18 @@ def recover_dir(final: str | Path) -> None:
 
 # A periodic checkpoint counts only once its stage wrote one of these, after every rank finished.
 CHECKPOINT_MARKERS = ("rlhf_complete.json", "ppo_state.json")
+
+
+# Fault injection for the resume tests (tests/test_resume.py), off unless the variable is set:
+# RLHF_TEST_FAULT=<stage>:<step>:writing  SIGKILLs each rank half-way through writing checkpoint-<step>;
+# RLHF_TEST_FAULT=<stage>:<step>:saved    SIGSTOPs each rank once checkpoint-<step> is complete, so the
+#                                         test can SIGKILL the whole run at exactly that point.
+FAULT_ENV = "RLHF_TEST_FAULT"
+
+
+def fault_point(stage: str, step: int, where: str) -> None:
+    if os.environ.get(FAULT_ENV) == f"{stage}:{step}:{where}":
+        os.kill(os.getpid(), signal.SIGKILL if where == "writing" else signal.SIGSTOP)
 
 
 def complete_checkpoints(stage_dir: str | Path) -> list[Path]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import ds_config
-from pipeline.checkpoint import CHECKPOINT_MARKERS, complete_checkpoints, read_json, write_json
+from pipeline.checkpoint import CHECKPOINT_MARKERS, complete_checkpoints, fault_point, read_json, write_json
 from pipeline.config import TrainLoop, describe_changes
 from pipeline.errors import UserError
 from pipeline.context import StageContext
@@ -96,15 +96,23 @@ class CompleteCheckpoints(TrainerCallback):
     while other ranks still write their ZeRO shards. `on_save` runs on each rank after its own
     save; after a barrier, rank 0 writes the marker that makes the checkpoint resumable and only
     then deletes the oldest complete ones, so a crash at any moment leaves a complete checkpoint.
+
+    Every save step also closes a logging window: a resumed Trainer starts a new window at its
+    checkpoint's step, so a window spanning it would log a different mean loss after a resume.
     """
 
     def __init__(self, ctx: StageContext, stage_config: dict[str, Any]):
         self.ctx = ctx
         self.stage_config = stage_config
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # set by the Trainer's own flow callback, which runs first
+            control.should_log = True
+
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
 
+        fault_point(self.ctx.name, state.global_step, "writing")  # tests only: every file but the marker
         if dist.is_initialized():
             dist.barrier()
         if self.ctx.is_main:
@@ -116,6 +124,7 @@ class CompleteCheckpoints(TrainerCallback):
                 shutil.rmtree(old, ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()
+        fault_point(self.ctx.name, state.global_step, "saved")
 
 
 def check_finite(stage: str, values: dict[str, Any], step: int, stage_dir: Path) -> None:
@@ -174,6 +183,22 @@ def resume_checkpoint(ctx: StageContext) -> str | None:
         return None
     check_resumable(Path(path), ctx, stage_config)
     return str(path)
+
+
+def run_training(trainer, resume: str | None) -> None:
+    """`trainer.train`, continuing from checkpoint `resume` if given, TRL's token count included.
+
+    TRL's trainers log `num_tokens` from a counter that starts at 0 in every process, so after a
+    resume it would count the resumed part only. Every save step is a logging step
+    (CompleteCheckpoints), so the checkpoint's own log history holds the count at its step.
+    """
+    if resume is not None and hasattr(trainer, "_total_train_tokens"):
+        state = read_json(Path(resume) / "trainer_state.json") or {}
+        at_step = [h["num_tokens"] for h in state.get("log_history", [])
+                   if "num_tokens" in h and h.get("step") == state.get("global_step")]
+        if at_step:
+            trainer._total_train_tokens = at_step[-1]
+    trainer.train(resume_from_checkpoint=resume)
 
 
 def checkpoint_callbacks(ctx: StageContext) -> list[TrainerCallback]:

@@ -17,7 +17,8 @@ from typing import Any
 from pipeline.context import StageContext
 from pipeline.data import load_rows
 from pipeline.errors import UserError
-from pipeline.hf_training import checkpoint_callbacks, resume_checkpoint, save_final, train_metrics, training_kwargs
+from pipeline.hf_training import (checkpoint_callbacks, resume_checkpoint, run_training, save_final, train_metrics,
+                                  training_kwargs)
 from pipeline.lora import check_targets, load_merged, lora_config, save_final_lora, whole_model_loading
 from pipeline.models import check_model_tokenizer, load_model, load_tokenizer
 
@@ -159,7 +160,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         callbacks=checkpoint_callbacks(ctx),
     )
     check_lengths(trainer, train_pairs, eval_pairs, cfg.max_length, ctx.is_main)
-    trainer.train(resume_from_checkpoint=resume)
+    run_training(trainer, resume)
 
     # 5. hand-off, then held-out metrics of exactly what was handed off
     if cfg.lora is not None:

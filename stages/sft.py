@@ -16,8 +16,8 @@ from typing import Any
 from pipeline.context import StageContext
 from pipeline.data import load_rows, resolve_source
 from pipeline.errors import DataError, UserError
-from pipeline.hf_training import (checkpoint_callbacks, perplexity, resume_checkpoint, save_final, train_metrics,
-                                  training_kwargs)
+from pipeline.hf_training import (checkpoint_callbacks, perplexity, resume_checkpoint, run_training, save_final,
+                                  train_metrics, training_kwargs)
 from pipeline.lora import check_targets, lora_config, save_final_lora
 from pipeline.models import check_model_tokenizer, load_model, load_tokenizer
 
@@ -109,7 +109,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         callbacks=checkpoint_callbacks(ctx),
     )
     check_not_empty(trainer, cfg.max_length)
-    trainer.train(resume_from_checkpoint=resume)
+    run_training(trainer, resume)
 
     # 5. held-out loss on the trained weights, then the hand-off
     metrics: dict[str, Any] = {"train_rows": len(train), "train_sequences": len(trainer.train_dataset)}

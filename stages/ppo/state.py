@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoint import CHECKPOINT_MARKERS, complete_checkpoints, publish_dir, read_json, write_json
+from pipeline.checkpoint import (CHECKPOINT_MARKERS, complete_checkpoints, fault_point, publish_dir, read_json,
+                                 write_json)
 from pipeline.config import describe_changes
 from pipeline.errors import UserError
 
@@ -53,6 +54,7 @@ def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, A
     barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(tmp / name), tag="state")
+        fault_point("ppo", step, "writing")  # tests only: the actor written, the critic not
     write_json(tmp / f"rng_rank{rank}.json", rng_state())
     barrier()
     if rank == 0:
@@ -61,6 +63,7 @@ def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, A
         for old in complete_checkpoints(stage_dir)[:-keep]:
             shutil.rmtree(old)
     barrier()
+    fault_point("ppo", step, "saved")
     return final
 
 
