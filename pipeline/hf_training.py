@@ -97,17 +97,14 @@ class CompleteCheckpoints(TrainerCallback):
     save; after a barrier, rank 0 writes the marker that makes the checkpoint resumable and only
     then deletes the oldest complete ones, so a crash at any moment leaves a complete checkpoint.
 
-    Every save step also closes a logging window: a resumed Trainer starts a new window at its
-    checkpoint's step, so a window spanning it would log a different mean loss after a resume.
+    Every save step also closes a logging window (FiniteLossGuard.on_step_end): a resumed Trainer
+    starts a new window at its checkpoint's step, so a window spanning it would log a different
+    mean loss after a resume.
     """
 
     def __init__(self, ctx: StageContext, stage_config: dict[str, Any]):
         self.ctx = ctx
         self.stage_config = stage_config
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:  # set by the Trainer's own flow callback, which runs first
-            control.should_log = True
 
     def on_save(self, args, state, control, **kwargs):
         import torch.distributed as dist
@@ -151,7 +148,9 @@ class FiniteLossGuard(TrainerCallback):
         self.keys = ("loss", "eval_loss") if fp16 else ("loss", "grad_norm", "eval_loss")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:  # set by the Trainer's own flow callback, which runs first
+        # set by the Trainer's own flow callback, which runs first; closing the logging window here
+        # also keeps logged losses identical across a resume (see CompleteCheckpoints)
+        if control.should_save:
             control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
