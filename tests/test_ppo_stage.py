@@ -399,3 +399,39 @@ def test_resume_after_kill_matches_the_uninterrupted_run(one_rank_run, tmp_path)
     assert sorted(rows_b) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):  # 1-2 from the killed run, 3-4 from the resumed one
         assert without_time(rows_b[step]) == without_time(rows_a[step]), f"step {step}"
+
+
+def test_concurrent_actor_and_critic_updates_equal_sequential_ones(tiny, tmp_path, single_process_group):
+    """On one CPU rank the critic's step runs on a second thread beside the actor's: same arithmetic,
+    so the weights and the logged stats are bit for bit those of the sequential loop."""
+    from pipeline.config import load_config
+    from pipeline.context import StageContext
+    from pipeline.generation import encode_prompts
+    from pipeline.rundir import RunDir, stage_inputs
+    from stages.ppo import experience as xp
+    from stages.ppo.engines import build_models
+    from stages.ppo.trainer import concurrent_updates_pool, update
+
+    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False))
+    ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
+                       inputs=stage_inputs(cfg, "ppo", RunDir(tmp_path / "run")), config_hash="test",
+                       deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
+    tok = tiny.tokenizer
+    ids, mask = left_pad(encode_prompts(tok, ["A fine film", "It was", "The plot", "Why"], 32), tok.pad_token_id)
+    results = []
+    for concurrent in (False, True):
+        models = build_models(ctx, tok, total_updates=8)
+        pool = concurrent_updates_pool(ctx, models) if concurrent else None
+        assert (pool is not None) == concurrent  # one CPU rank under ZeRO-0: the pool is used
+        r = xp.rollout(models.actor, ids, mask, cfg.ppo, tok, torch.Generator().manual_seed(0))
+        logprobs, ref_logprobs, values, raw = xp.score(models, r, cfg.ppo.temperature)
+        kl, rewards, adv, returns = xp.advantages(logprobs, ref_logprobs, values, raw, r, cfg.ppo, 0.05)
+        exp = xp.Experience(r, logprobs, ref_logprobs, values, raw, raw, kl, rewards, adv, returns)
+        stats = update(models, exp, cfg.ppo, 2, torch.Generator().manual_seed(1), pool)
+        weights = {f"{name}.{k}": v.detach().clone() for name, engine in (("actor", models.actor),
+                   ("critic", models.critic)) for k, v in engine.module.state_dict().items()}
+        results.append((stats, weights))
+    (seq_stats, seq_weights), (par_stats, par_weights) = results
+    assert par_stats == seq_stats
+    assert seq_weights.keys() == par_weights.keys()
+    assert all(torch.equal(seq_weights[k], par_weights[k]) for k in seq_weights)
