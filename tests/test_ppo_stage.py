@@ -435,3 +435,24 @@ def test_concurrent_actor_and_critic_updates_equal_sequential_ones(tiny, tmp_pat
     assert par_stats == seq_stats
     assert seq_weights.keys() == par_weights.keys()
     assert all(torch.equal(seq_weights[k], par_weights[k]) for k in seq_weights)
+
+
+def test_critic_from_a_classifier_with_several_outputs_gets_a_fresh_value_head(tiny, tmp_path, single_process_group):
+    """`ppo.critic` may start from any classifier: its head is replaced by one output (the reward model's is not)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.config import load_config
+    from pipeline.context import StageContext
+    from pipeline.rundir import RunDir, stage_inputs
+    from stages.ppo.engines import build_models
+
+    three = tmp_path / "three_labels"
+    AutoModelForSequenceClassification.from_pretrained(tiny.policy_dir, num_labels=3).save_pretrained(three)
+    tiny.tokenizer.save_pretrained(three)
+    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, critic=str(three)))
+    ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
+                       inputs=stage_inputs(cfg, "ppo", RunDir(tmp_path / "run")), config_hash="test",
+                       deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
+    models = build_models(ctx, tiny.tokenizer, total_updates=1)
+    assert models.critic.module.head.out_features == 1
+    assert models.reward.module.head.out_features == 1

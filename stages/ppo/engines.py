@@ -160,7 +160,7 @@ def build_models(ctx: StageContext, tokenizer, total_updates: int) -> PPOModels:
     def value_model(key: str, what: str, fresh_head_ok: bool) -> TokenValueModel:
         # A critic may start from any checkpoint (a new one-output head is made if needed);
         # a reward model must already be a one-output classifier.
-        kwargs = {"num_labels": 1} if fresh_head_ok else {}
+        kwargs = {"num_labels": 1, "ignore_mismatched_sizes": True} if fresh_head_ok else {}
         classifier = load_model(ctx.input_path(key), kind="seq_cls", what=what, **kwargs)
         if classifier.config.num_labels != 1:
             raise UserError(f"{what}: {ctx.input_path(key)} has {classifier.config.num_labels} outputs; "
