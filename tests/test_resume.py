@@ -3,16 +3,22 @@
 For each stage a reference run goes through uninterrupted; a second run dir gets:
 
 1. a SIGKILL of the whole `rlhf` process group right after checkpoint-K is complete,
-2. (pretrain, SFT, PPO) a rerun that resumes from K and dies half-way through writing checkpoint-M:
-   that checkpoint must never count (not listed, `rlhf status` still names K),
+2. a rerun that resumes from K and dies half-way through writing checkpoint-M: that checkpoint must
+   never count (its partial dir is left but not listed, `rlhf status` still names K),
 3. a last rerun, which must say it resumed from K and end with the reference's final weights (bit for bit)
    and the same logged values at every step.
 
-PPO runs once more on two ranks under ZeRO-3, killed after a checkpoint. The kill points are exact, not
-races against a poll: `RLHF_TEST_FAULT` (pipeline/checkpoint.py) makes the ranks stop right after
-checkpoint-K is complete (the test then SIGKILLs the process group), or SIGKILL themselves mid-write.
-Everything runs on CPU, where every run with the same seed computes the same floats, so all comparisons
-are exact.
+    stage            ranks, ZeRO   kill after   dies writing             resumes from
+    pretrain         1, ZeRO-0     ckpt-3       ckpt-6 (all but marker)  ckpt-3
+    sft              1, ZeRO-0     ckpt-1       ckpt-3 (all but marker)  ckpt-2
+    reward           1, ZeRO-0     ckpt-2       ckpt-4 (all but marker)  ckpt-2
+    ppo              1, ZeRO-0     ckpt-1       ckpt-3 (actor only)      ckpt-2
+    ppo              2, ZeRO-3     ckpt-1       ckpt-2 (actor only)      ckpt-1
+
+The kill points are exact, not races against a poll: `RLHF_TEST_FAULT` (pipeline/checkpoint.py) makes
+the ranks stop right after checkpoint-K is complete (the test then SIGKILLs the process group), or
+SIGKILL themselves mid-write (on two ranks: both, once each wrote its actor shard). Everything runs on
+CPU, where every run with the same seed computes the same floats, so all comparisons are exact.
 """
 
 from __future__ import annotations
@@ -105,8 +111,10 @@ def kill_after_checkpoint(config: Path, run_dir: Path, stage: str, step: int, ra
     assert newest_complete(run_dir, stage) == step
 
 
-def crash_while_writing(config: Path, run_dir: Path, stage: str, step: int, resumes_from: int, *args: str) -> None:
-    """Rerun, resuming from checkpoint-`resumes_from`, with every rank SIGKILLed while writing checkpoint-`step`."""
+def crash_while_writing(config: Path, run_dir: Path, stage: str, step: int, resumes_from: int, *args: str) -> Path:
+    """Rerun, resuming from checkpoint-`resumes_from`, with every rank SIGKILLed while writing checkpoint-`step`.
+
+    Returns the partial checkpoint dir it left behind."""
     code, out = finish(start(config, run_dir, *args, fault=f"{stage}:{step}:writing"))
     assert code != 0, f"the run was meant to die writing checkpoint-{step}:\n{out}"
     stage_dir = run_dir / stage
@@ -114,9 +122,11 @@ def crash_while_writing(config: Path, run_dir: Path, stage: str, step: int, resu
     assert half and any(half[0].rglob("*")), f"nothing of checkpoint-{step} was written:\n{out}"
     assert not (stage_dir / "final").exists()
     # The half-written checkpoint never counts: the previous one is still the newest complete one.
+    assert half[0] not in complete_checkpoints(stage_dir)
     assert newest_complete(run_dir, stage) == resumes_from
     status = subprocess.run([*RLHF, "status", str(run_dir)], env=env(), capture_output=True, text=True, check=True)
     assert f"would resume from: {stage_dir / f'checkpoint-{resumes_from}'}" in status.stdout, status.stdout
+    return half[0]
 
 
 def newest_complete(run_dir: Path, stage: str) -> int:
@@ -203,9 +213,10 @@ def rewarded(pretrained, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_reward_resumes_after_a_kill(pretrained, rewarded, tmp_path):
+def test_reward_resumes_after_a_kill_and_a_crash_mid_checkpoint(pretrained, rewarded, tmp_path):
     run_dir = tmp_path / "run"
     kill_after_checkpoint(TINY, run_dir, "reward", 2, 1, *reward_args(pretrained))
+    crash_while_writing(TINY, run_dir, "reward", 4, 2, *reward_args(pretrained))  # the Trainer's files, no marker
     out = run_ok(TINY, run_dir, *reward_args(pretrained))
     assert f"[reward] resuming from {run_dir / 'reward' / 'checkpoint-2'}" in out, out
     assert_same_result(rewarded, run_dir, "reward", steps=4)
@@ -239,13 +250,17 @@ def test_ppo_resumes_after_a_kill_and_a_crash_mid_checkpoint(pretrained, rewarde
     assert_same_result(reference, run_dir, "ppo", steps=4)
 
 
-def test_ppo_on_two_zero3_ranks_resumes_after_a_kill(pretrained, rewarded, tmp_path):
-    config = ppo_config(pretrained, rewarded, tmp_path / "ppo.yaml", max_steps=2)
-    reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    run_ok(config, reference, "--stages", "ppo", *ZERO3_TWO_RANKS)
-    kill_after_checkpoint(config, run_dir, "ppo", 1, 2, "--stages", "ppo", *ZERO3_TWO_RANKS)
+def test_ppo_on_two_zero3_ranks_resumes_after_a_kill_and_a_crash_mid_checkpoint(pretrained, rewarded, tmp_path):
+    config = ppo_config(pretrained, rewarded, tmp_path / "ppo.yaml", max_steps=3)
+    reference, run_dir, args = tmp_path / "reference", tmp_path / "run", ("--stages", "ppo", *ZERO3_TWO_RANKS)
+    run_ok(config, reference, *args)
+    kill_after_checkpoint(config, run_dir, "ppo", 1, 2, *args)
     shards = list((run_dir / "ppo" / "checkpoint-1" / "actor" / "state").glob("*optim_states.pt"))
     assert len(shards) == 2, shards  # one ZeRO-3 shard per rank
-    out = run_ok(config, run_dir, "--stages", "ppo", *ZERO3_TWO_RANKS)
+    # Both ranks die once each has written its actor shard (save_checkpoint ends in a barrier), before the critic.
+    half = crash_while_writing(config, run_dir, "ppo", 2, 1, *args)
+    assert len(list((half / "actor" / "state").glob("*optim_states.pt"))) == 2, list(half.rglob("*"))
+    assert not (half / "critic").exists()
+    out = run_ok(config, run_dir, *args)
     assert f"[ppo] resumed from {run_dir / 'ppo' / 'checkpoint-1'} at step 1" in out, out
-    assert_same_result(reference, run_dir, "ppo", steps=2)
+    assert_same_result(reference, run_dir, "ppo", steps=3)
