@@ -27,10 +27,10 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str
     return ids.to(device), mask.to(device)
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list[str], max_len: int | None) -> list[list[int]]:
     """Prompt ids formatted as a user turn with the chat template (when the tokenizer has one).
 
-    Keeps the last `max_len` tokens, so the generation prompt that ends the template survives.
+    Keeps the last `max_len` tokens (all with None), so the generation prompt that ends the template survives.
     """
     if tokenizer.chat_template:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -38,7 +38,7 @@ def encode_prompts(tokenizer, prompts: list[str], max_len: int) -> list[list[int
     else:
         texts = prompts
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [x[-max_len:] for x in ids]
+    return ids if max_len is None else [x[-max_len:] for x in ids]
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64
 EXPECTED_METRICS = ("reward_mean", "kl_to_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
                     "response_length", "eos_fraction")
 EXPECTED_EVAL = ("judge_mean_sft", "judge_mean_ppo", "judge_win_rate", "real_word_share_sft", "real_word_share_ppo")
+PROMPT_CUT = 40  # ppo.max_prompt_length of the 1-rank run: cuts some of its prompts, not all
 RUN_TIMEOUT_S = 900  # generous: a loaded 2-core machine can be 5x slower than an idle one
 
 
@@ -244,7 +245,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def one_rank_run(tiny, tmp_path_factory) -> tuple[Path, Path]:
     """The uninterrupted 1-rank run: (config, run dir). Shared by the CLI test and the resume test."""
     root = tmp_path_factory.mktemp("one_rank")
-    config = write_config(root / "ppo.yaml", tiny)
+    config = write_config(root / "ppo.yaml", tiny, max_prompt_length=PROMPT_CUT)
     run_dir = root / "run_a"
     rlhf_run(config, run_dir)
     return config, run_dir
@@ -279,6 +280,19 @@ def test_one_rank_trains_saves_and_evaluates(tiny, one_rank_run):
         assert {f"ppo/{k}" for k in EXPECTED_METRICS} <= row.keys()
     assert rows[0]["ppo/kl_to_ref"] == 0.0  # the actor starts as the reference
     assert rows[-1]["ppo/reward_mean"] == pytest.approx(metrics["reward_mean"])
+
+
+def test_prompts_cut_to_max_prompt_length_are_counted_in_a_warning(tiny, one_rank_run):
+    from pipeline.generation import encode_prompts
+
+    _, run_dir = one_rank_run
+    prompts = [json.loads(line)["prompt"] for line in
+               (run_dir / "data" / "movie-reviews" / "ppo_train.jsonl").read_text().splitlines()]
+    longer = sum(len(ids) > PROMPT_CUT for ids in encode_prompts(tiny.tokenizer, prompts, None))
+    assert 0 < longer < len(prompts)
+    log = (run_dir / "ppo" / "logs" / "launch.log").read_text()
+    assert (f"[ppo] warning: {longer} of {len(prompts)} prompts are longer than ppo.max_prompt_length "
+            f"({PROMPT_CUT} tokens") in log
 
 
 # 3. two ranks under ZeRO-3: bit-for-bit reproducible

@@ -158,7 +158,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     tokenizer.padding_side = "left"
     rows = load_rows(cfg.data, split="train", fields=["prompt"], data_dir=ctx.run_dir.data_dir, what="ppo")
     prompts = list(rows["prompt"])
-    prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    full_ids = encode_prompts(tokenizer, prompts, max_len=None)
+    too_long = sum(len(ids) > cfg.max_prompt_length for ids in full_ids)
+    if too_long and ctx.is_main:
+        print(f"[ppo] warning: {too_long} of {len(prompts)} prompts are longer than ppo.max_prompt_length "
+              f"({cfg.max_prompt_length} tokens with the chat template); they keep their last "
+              f"{cfg.max_prompt_length} tokens", flush=True)
+    prompt_ids = [ids[-cfg.max_prompt_length:] for ids in full_ids]
     updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
     models = build_models(ctx, tokenizer, total_updates=cfg.max_steps * updates_per_step)
     kl_ctl = (maths.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
