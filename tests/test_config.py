@@ -41,8 +41,11 @@ def test_demo_config_loads_with_its_values():
     assert cfg.run.name == "demo"
     assert cfg.deepspeed.config == "zero0"
     assert cfg.tracking.backend == "wandb"
-    assert cfg.pretrain.max_steps == 300
+    raw = yaml.safe_load(DEMO.read_text())
+    assert cfg.pretrain.max_steps == raw["pretrain"]["max_steps"]
     assert cfg.pretrain.lr == pytest.approx(2e-3)
+    assert cfg.movie_reviews.reward_words == raw["movie_reviews"]["reward_words"]
+    assert cfg.ppo.min_new_tokens == raw["ppo"]["min_new_tokens"] > 0
     assert cfg.pretrain.model.hidden_size == 128
     assert cfg.pretrain.data.train == "movie-reviews:pretrain_train"
     assert cfg.enabled_stages() == ["pretrain", "sft", "reward", "ppo"]

@@ -75,6 +75,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import complete_checkpoints
+from tests.conftest import destroy_process_group
 from pipeline.config import TrackingSection, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +234,6 @@ def stage_process():
     import accelerate  # noqa: F401
     import datasets  # noqa: F401
     import deepspeed  # noqa: F401
-    import torch.distributed as dist
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
@@ -247,8 +247,7 @@ def stage_process():
     os.environ.update({**OFFLINE, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
     yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_group()
     from accelerate.state import AcceleratorState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

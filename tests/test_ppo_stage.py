@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.config import ModelArch
 from pipeline.generation import left_pad, position_ids_from_mask, response_mask, sample, sample_token
+from tests.conftest import destroy_process_group
 
 ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
 EXPECTED_METRICS = ("reward_mean", "kl_to_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
@@ -339,17 +340,16 @@ def test_lora_actor_merges_into_a_full_model(tiny, tmp_path):
 @pytest.fixture
 def single_process_group(monkeypatch):
     """A one-rank gloo group in this process, for building the engines without the launcher."""
-    import torch.distributed as dist
-
     from pipeline.launch import free_port
     from pipeline.worker import init_distributed
 
     for key, value in {"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
+    destroy_process_group()  # a group another test left, and DeepSpeed's handles on it
     init_distributed()
     yield
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def test_lora_reference_is_the_base_with_adapters_off(tiny, tmp_path, single_process_group):
