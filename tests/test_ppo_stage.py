@@ -416,15 +416,16 @@ def test_resume_after_kill_matches_the_uninterrupted_run(one_rank_run, tmp_path)
 
 
 def test_concurrent_actor_and_critic_updates_equal_sequential_ones(tiny, tmp_path, single_process_group):
-    """On one CPU rank the critic's step runs on a second thread beside the actor's: same arithmetic,
-    so the weights and the logged stats are bit for bit those of the sequential loop."""
+    """On one CPU rank the critic and reward model work on a second thread beside the actor and the
+    reference: the same operations, so scores, weights and logged stats are bit for bit those of the
+    sequential loop (these ops are too small to be split across intra-op threads)."""
     from pipeline.config import load_config
     from pipeline.context import StageContext
     from pipeline.generation import encode_prompts
     from pipeline.rundir import RunDir, stage_inputs
     from stages.ppo import experience as xp
     from stages.ppo.engines import build_models
-    from stages.ppo.trainer import concurrent_updates_pool, update
+    from stages.ppo.trainer import concurrent_updates_pool, cores_split, update
 
     cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False))
     ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
@@ -438,14 +439,18 @@ def test_concurrent_actor_and_critic_updates_equal_sequential_ones(tiny, tmp_pat
         pool = concurrent_updates_pool(ctx, models) if concurrent else None
         assert (pool is not None) == concurrent  # one CPU rank under ZeRO-0: the pool is used
         r = xp.rollout(models.actor, ids, mask, cfg.ppo, tok, torch.Generator().manual_seed(0))
-        logprobs, ref_logprobs, values, raw = xp.score(models, r, cfg.ppo.temperature)
+        with cores_split(pool):
+            scored = xp.score(models, r, cfg.ppo.temperature, pool)
+        logprobs, ref_logprobs, values, raw = scored
         kl, rewards, adv, returns = xp.advantages(logprobs, ref_logprobs, values, raw, r, cfg.ppo, 0.05)
         exp = xp.Experience(r, logprobs, ref_logprobs, values, raw, raw, kl, rewards, adv, returns)
-        stats = update(models, exp, cfg.ppo, 2, torch.Generator().manual_seed(1), pool)
+        with cores_split(pool):
+            stats = update(models, exp, cfg.ppo, 2, torch.Generator().manual_seed(1), pool)
         weights = {f"{name}.{k}": v.detach().clone() for name, engine in (("actor", models.actor),
                    ("critic", models.critic)) for k, v in engine.module.state_dict().items()}
-        results.append((stats, weights))
-    (seq_stats, seq_weights), (par_stats, par_weights) = results
+        results.append((scored, stats, weights))
+    (seq_scored, seq_stats, seq_weights), (par_scored, par_stats, par_weights) = results
+    assert all(torch.equal(a, b) for a, b in zip(seq_scored, par_scored))
     assert par_stats == seq_stats
     assert seq_weights.keys() == par_weights.keys()
     assert all(torch.equal(seq_weights[k], par_weights[k]) for k in seq_weights)

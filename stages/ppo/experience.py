@@ -79,9 +79,28 @@ def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) ->
     return Rollout(prompt_ids, prompt_mask, responses, mask, ended)
 
 
+def score(models, r: Rollout, temperature: float, pool=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
+    """Old log-probs, reference log-probs, values and raw scores for a rollout.
+
+    With `pool` (one CPU process, see trainer.concurrent_updates_pool) the critic and the reward
+    model score on a second thread while the actor and the reference do here.
+    """
+    if pool is None:
+        return (*policy_logprobs(models, r, temperature), *value_scores(models, r))
+    values_and_scores = pool.submit(value_scores, models, r)
+    return (*policy_logprobs(models, r, temperature), *values_and_scores.result())
+
+
 @torch.no_grad()
-def score(models, r: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Old log-probs, reference log-probs, values and raw scores for a rollout."""
+def value_scores(models, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Critic values and reward-model scores."""
+    return response_values(models.critic, r), last_token_scores(models.reward, r)
+
+
+@torch.no_grad()
+def policy_logprobs(models, r: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The actor's and the reference's log-probs of the sampled tokens."""
     logits = response_logits(models.actor, r) / temperature
     logprobs = maths.logprobs_from_logits(logits, r.responses)
     if models.reference is not None:
@@ -90,9 +109,7 @@ def score(models, r: Rollout, temperature: float) -> tuple[torch.Tensor, torch.T
         with models.actor.module.disable_adapter():
             ref_logits = response_logits(models.actor, r)
     ref_logprobs = maths.logprobs_from_logits(ref_logits / temperature, r.responses)
-    values = response_values(models.critic, r)
-    raw_scores = last_token_scores(models.reward, r)
-    return logprobs, ref_logprobs, values, raw_scores
+    return logprobs, ref_logprobs
 
 
 class RunningMoments:

@@ -11,12 +11,13 @@ At the end: the actor is saved as the hand-off checkpoint and judged against the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -105,7 +106,8 @@ def update(models, exp: xp.Experience, cfg, minibatch_size: int, generator: torc
 
     The actor and critic steps are independent; with `pool` (one CPU process, no collectives) the
     critic's runs on a second thread while the actor's runs here: the kernels release the GIL, so
-    the two share the cores instead of taking turns. Each step's arithmetic is unchanged.
+    the two share the cores instead of taking turns (under `cores_split` each thread has half of the
+    intra-op threads). The operations are the same as in the sequential loop.
     """
     stats: dict[str, list[float]] = defaultdict(list)
     n = exp.logprobs.shape[0]
@@ -125,12 +127,27 @@ def update(models, exp: xp.Experience, cfg, minibatch_size: int, generator: torc
 
 
 def concurrent_updates_pool(ctx: StageContext, models) -> ThreadPoolExecutor | None:
-    """A worker thread for the critic's steps when that is safe: one CPU rank under ZeRO-0, where a
-    step issues no collective (two threads issuing collectives could order them differently)."""
+    """A worker thread for the critic's and reward model's work when that is safe: one CPU rank under
+    ZeRO-0, where no step issues a collective (two threads issuing collectives could order them
+    differently). It takes half of the intra-op threads; `cores_split` gives the other half here."""
     engines = (models.actor, models.critic)
     if ctx.world_size != 1 or ctx.device != "cpu" or any(e.zero_optimization_stage() != 0 for e in engines):
         return None
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic-update")
+    half = max(1, torch.get_num_threads() // 2)  # OpenMP settings are per thread: the worker sets its own
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic", initializer=torch.set_num_threads,
+                              initargs=(half,))
+
+
+@contextlib.contextmanager
+def cores_split(pool: ThreadPoolExecutor | None) -> Iterator[None]:
+    """While the worker thread runs beside this one, this one uses half of the intra-op threads."""
+    threads = torch.get_num_threads()
+    if pool is not None:
+        torch.set_num_threads(max(1, threads // 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class EMA:
@@ -209,7 +226,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         # 2. score
         t0 = time.perf_counter()
-        logprobs, ref_logprobs, values, raw_scores = xp.score(models, r, cfg.temperature)
+        with cores_split(pool):
+            logprobs, ref_logprobs, values, raw_scores = xp.score(models, r, cfg.temperature, pool)
         sync(device)
         timings["score"] = time.perf_counter() - t0
 
@@ -222,7 +240,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         # 4. update
         t0 = time.perf_counter()
-        train_stats = update(models, exp, cfg, local_minibatch, generator, pool)
+        with cores_split(pool):
+            train_stats = update(models, exp, cfg, local_minibatch, generator, pool)
         if ema is not None:
             ema.update(models.actor.module)
         sync(device)
