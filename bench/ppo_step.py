@@ -15,11 +15,12 @@ The setting (printed with the result):
              Its EOS logit is pushed down at init (see `make_policy`), so every response is 16 tokens.
   reward     GPT2ForSequenceClassification of the same shape, one output; it is also the critic init.
   PPO        16 prompts of 4-8 words per step, 16 new tokens, temperature 1, 4 epochs of one minibatch
-             of 16, fp32; OMP_NUM_THREADS=2 for 1 rank, 1 per rank for 2 ranks (2 cores in all).
+             of 16, fp32; OMP_NUM_THREADS=1 for every rank, 2 cores in all: the 1-rank run uses the
+             second core through its second thread (critic and reward model beside actor and
+             reference); two OpenMP threads on ops this small were slower (see bench/README.md).
 
 Run it on an otherwise idle machine: the table records the highest load average seen during each
-run and warns when other processes shared the cores. With 2 OpenMP threads per rank a busy core
-makes the spinning thread wait, so a loaded machine slows the 1-rank run several times over.
+run and warns when other processes shared the cores.
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default=",".join(n for n, _, _ in RUNS),
                         help="comma-separated subset of: " + ", ".join(n for n, _, _ in RUNS))
     parser.add_argument("--threads-per-rank", type=int, default=None,
-                        help=f"OMP_NUM_THREADS for every rank (default: {CPU_CORES} cores / ranks)")
+                        help="OMP_NUM_THREADS for every rank (default: 1)")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, ranks, preset in selected:
             run_dir = workdir / "runs" / name
             shutil.rmtree(run_dir, ignore_errors=True)
-            threads = args.threads_per_rank or max(1, CPU_CORES // ranks)
+            threads = args.threads_per_rank or 1
             print(f"[bench] {name}: rlhf run ({ranks} rank(s), {preset}, {threads} thread(s) per rank, "
                   f"{args.steps} steps)", flush=True)
             wall, load = run_stage(config_path, run_dir, ranks, preset, threads, workdir / f"{name}.log")
