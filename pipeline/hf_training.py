@@ -149,8 +149,9 @@ class FiniteLossGuard(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         # set by the Trainer's own flow callback, which runs first; closing the logging window here
-        # also keeps logged losses identical across a resume (see CompleteCheckpoints)
-        if control.should_save:
+        # also keeps logged losses identical across a resume (see CompleteCheckpoints). The last step
+        # logs too: the hand-off checkpoint is saved after it, and the manifest reports its loss.
+        if control.should_save or state.global_step >= state.max_steps:
             control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -714,3 +714,16 @@ def test_secrets_reach_no_file_or_output(pretrained, failed_runs):
     for secret in SECRETS.values():
         assert not [p for d in dirs for p in d.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
         assert not [r for r in outputs if secret in r.output]
+
+
+def test_the_last_step_is_always_logged_so_its_loss_is_checked_and_reported():
+    """A run shorter than logging_steps still logs (and NaN-checks) its last step before the hand-off save."""
+    from types import SimpleNamespace
+
+    from pipeline.hf_training import FiniteLossGuard
+
+    guard = FiniteLossGuard.__new__(FiniteLossGuard)
+    for step, save, logged in ((19, False, False), (10, True, True), (20, False, True)):
+        control = SimpleNamespace(should_save=save, should_log=False)
+        guard.on_step_end(None, SimpleNamespace(global_step=step, max_steps=20), control)
+        assert control.should_log == logged, (step, save)
