@@ -1,6 +1,54 @@
-"""Shared test helpers."""
+"""Shared test helpers: the `rlhf` command, running it under a timeout, killing it mid-run, and the
+in-process process-group teardown."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+_SCRIPT = Path(sys.executable).with_name("rlhf")
+RLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
+
+
+def communicate(args, env: dict[str, str], timeout: int, merge_output: bool = False) -> tuple[int, str, str]:
+    """`rlhf ARGS` in its own process group: (exit code, stdout, stderr), stderr folded into stdout when
+    `merge_output`. Past `timeout` the whole group (CLI, launcher, ranks) is killed and the test fails."""
+    proc = subprocess.Popen([*RLHF, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"rlhf {' '.join(map(str, args))} ran over {timeout}s:\n{(stdout + (stderr or ''))[-4000:]}")
+    return proc.returncode, stdout, stderr or ""
+
+
+def kill_when(cmd: list[str], marker: Path, log_path: Path, env: dict[str, str], timeout: int,
+              cwd: Path | None = None) -> int | None:
+    """Run `cmd` (output to `log_path`) and SIGKILL its whole process group as soon as `marker` exists.
+
+    Returns None when it was killed, or its exit code when it finished before the poll saw the marker.
+    """
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        finished = proc.poll() is not None
+        if not finished:
+            os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the launcher and the worker: one process group
+        proc.wait()
+    return proc.returncode if finished else None
 
 
 def destroy_process_group() -> None:

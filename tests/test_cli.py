@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,11 +23,8 @@ import pytest
 from pipeline.checkpoint import CHECKPOINT_MARKERS, complete_checkpoints, read_json
 from pipeline.config import config_to_yaml, load_config
 from pipeline.rundir import RunDir, stage_fingerprint, stage_inputs
+from tests.conftest import RLHF, ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-_SCRIPT = Path(sys.executable).with_name("rlhf")
-RLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
 MORE_STEPS = load_config(TINY).pretrain.max_steps + 1  # a semantic change for re-run tests
 
 

@@ -75,13 +75,9 @@ import pytest
 import torch
 
 from pipeline.checkpoint import complete_checkpoints
-from tests.conftest import destroy_process_group
 from pipeline.config import TrackingSection, load_config
+from tests.conftest import RLHF, ROOT, TINY, destroy_process_group
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-_SCRIPT = Path(sys.executable).with_name("rlhf")
-RLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
 TIMEOUT_S = 900  # generous: a loaded 2-core machine runs a stage several times slower than an idle one
 SECRETS = {"WANDB_API_KEY": "wandb-key-must-not-leak-4711", "HF_TOKEN": "hf_token_must_not_leak_4712"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",

@@ -169,7 +169,8 @@ def test_end_of_run_reuses_the_ppo_stage_evaluation_only_when_nothing_differs(ru
     sft and ppo checkpoints, with the same reward model, prompts and settings; anything else re-runs it."""
     import shutil
 
-    from pipeline.evaluate_run import eval_settings, ppo_stage_evaluation
+    from pipeline.evaluate_run import ppo_stage_evaluation
+    from pipeline.evaluation import eval_settings
     from pipeline.orchestrator import load_run_config
     from pipeline.rundir import RunDir
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import yaml
 
 from pipeline.config import ModelArch
 from pipeline.generation import left_pad, position_ids_from_mask, response_mask, sample, sample_token
-from tests.conftest import destroy_process_group
+from tests.conftest import destroy_process_group, kill_when
 
 ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
 EXPECTED_METRICS = ("reward_mean", "kl_to_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
@@ -391,19 +389,11 @@ def test_resume_after_kill_matches_the_uninterrupted_run(one_rank_run, tmp_path)
     run_b = tmp_path / "run_b"
     no_eval = "eval.enabled=false"  # the judge runs after the actor is saved: it cannot change what is compared
     marker = run_b / "ppo" / "checkpoint-2" / "ppo_state.json"  # written last: the checkpoint is complete
-    with open(tmp_path / "killed_run.log", "w") as log:
-        proc = subprocess.Popen(rlhf_command(config, run_b, no_eval), env=cli_env(), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        finished = proc.poll() is not None
-        if not finished:
-            os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the launcher and the worker: one process group
-        proc.wait()
-    assert marker.exists(), (tmp_path / "killed_run.log").read_text()[-4000:]
-    if finished:  # it outran the poll: drop the result so the rerun still has to resume from checkpoint-2
-        assert proc.returncode == 0, (tmp_path / "killed_run.log").read_text()[-4000:]
+    log_path = tmp_path / "killed_run.log"
+    code = kill_when(rlhf_command(config, run_b, no_eval), marker, log_path, cli_env(), RUN_TIMEOUT_S)
+    assert marker.exists(), log_path.read_text()[-4000:]
+    if code is not None:  # it outran the poll: drop the result so the rerun still has to resume from checkpoint-2
+        assert code == 0, log_path.read_text()[-4000:]
         shutil.rmtree(run_b / "ppo" / "final")
 
     out = rlhf_run(config, run_b, no_eval)

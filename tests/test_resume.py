@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,11 +38,8 @@ import torch
 import yaml
 
 from pipeline.checkpoint import FAULT_ENV, complete_checkpoints
+from tests.conftest import RLHF, ROOT, TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-_SCRIPT = Path(sys.executable).with_name("rlhf")
-RLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
 TIMEOUT_S = 900  # generous: a loaded 2-core machine runs a stage several times slower than an idle one
 ZERO3_TWO_RANKS = ("deepspeed.num_gpus=2", "deepspeed.config=zero3")
 # Wall-clock figures, and the Trainer's summary of one train() call (after a resume: of the resumed part only).

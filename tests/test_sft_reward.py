@@ -13,9 +13,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +21,8 @@ import torch
 
 from pipeline.config import LoraSection
 from pipeline.errors import DataError, UserError
+from tests.conftest import TINY, communicate
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-_SCRIPT = Path(sys.executable).with_name("rlhf")
-RLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
 ZERO3_TWO_RANKS = ("deepspeed.num_gpus=2", "deepspeed.config=zero3")
 
 
@@ -41,16 +35,8 @@ class Result:
 def rlhf(*args: str | Path, timeout: int = 900) -> Result:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false"}
-    # Its own process group, so a timeout also ends the launcher and the ranks, not only the CLI.
-    proc = subprocess.Popen([*RLHF, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"rlhf {' '.join(map(str, args))} ran over {timeout}s:\n{(stdout + stderr)[-4000:]}")
-    return Result(proc.returncode, stdout + stderr)
+    returncode, stdout, stderr = communicate(args, env, timeout)
+    return Result(returncode, stdout + stderr)
 
 
 def run_ok(run_dir: Path, stages: str, *overrides: str) -> Result:

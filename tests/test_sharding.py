@@ -24,18 +24,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
-_SCRIPT = Path(sys.executable).with_name("rlhf")
-RLHF = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "pipeline.cli"]
+from tests.conftest import TINY, communicate
+
 STAGES = ("pretrain", "sft", "reward", "ppo")
 WEIGHT_ATOL = 1e-5
 ONE_RANK_BATCH, TWO_RANK_BATCH = "batch_size=4", "batch_size=2"
@@ -52,15 +47,8 @@ COMMON = (
 def rlhf(*args: str | Path, timeout: int = 1800) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*RLHF, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"rlhf {' '.join(map(str, args))} ran over {timeout}s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"rlhf {' '.join(map(str, args))} exited {proc.returncode}:\n{output[-6000:]}"
+    returncode, output, _ = communicate(args, env, timeout, merge_output=True)
+    assert returncode == 0, f"rlhf {' '.join(map(str, args))} exited {returncode}:\n{output[-6000:]}"
     return output
 
 

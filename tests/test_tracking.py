@@ -11,12 +11,9 @@ secrets; the final manifest metrics in the summary; a SIGKILLed PPO stage resumi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import struct
 import subprocess
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from typing import Any, Iterator
 import pytest
 
 from pipeline.tracking import scrub
+from tests.conftest import kill_when
 from tests.test_ppo_stage import RUN_TIMEOUT_S, cli_env, rlhf_command, tiny, write_config  # noqa: F401 (fixture)
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
@@ -279,19 +277,11 @@ def test_killed_ppo_stage_resumes_the_same_run(tiny, tmp_path):
     run_dir = tmp_path / "run"
     marker = run_dir / "ppo" / "checkpoint-2" / "ppo_state.json"  # written last: the checkpoint is complete
     log_path = tmp_path / "killed_run.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(rlhf_command(config, run_dir, *WANDB), env=wandb_env(tmp_path), cwd=tmp_path,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        finished = proc.poll() is not None
-        if not finished:
-            os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the launcher and the worker: one process group
-        proc.wait()
+    code = kill_when(rlhf_command(config, run_dir, *WANDB), marker, log_path, wandb_env(tmp_path), RUN_TIMEOUT_S,
+                     cwd=tmp_path)
     assert marker.exists(), log_path.read_text()[-4000:]
-    if finished:  # it outran the poll: drop the result so the rerun still resumes from checkpoint-2
-        assert proc.returncode == 0, log_path.read_text()[-4000:]
+    if code is not None:  # it outran the poll: drop the result so the rerun still resumes from checkpoint-2
+        assert code == 0, log_path.read_text()[-4000:]
         shutil.rmtree(run_dir / "ppo" / "final")
     run_id = (run_dir / "ppo" / "wandb_run_id").read_text().strip()
     assert json.loads(marker.read_text())["wandb_run_id"] == run_id
