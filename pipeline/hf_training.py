@@ -174,7 +174,7 @@ def check_resumable(path: Path, ctx: StageContext, stage_config: dict[str, Any])
 
 
 def resume_checkpoint(ctx: StageContext) -> str | None:
-    """`--from` if given, else the newest complete checkpoint of this stage; checked before use."""
+    """`--from` if given, else the newest complete checkpoint of this stage; checked before use, and said."""
     from pipeline.rundir import semantic_stage_config
 
     stage_config = semantic_stage_config(ctx.config, ctx.name)
@@ -182,6 +182,8 @@ def resume_checkpoint(ctx: StageContext) -> str | None:
     if path is None:
         return None
     check_resumable(Path(path), ctx, stage_config)
+    if ctx.is_main:
+        print(f"[{ctx.name}] resuming from {path}", flush=True)
     return str(path)
 
 

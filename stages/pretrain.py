@@ -87,8 +87,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         train_blocks = pack(train, tokenizer, cfg.seq_len)
         eval_blocks = pack(held_out, tokenizer, cfg.seq_len) if held_out is not None else None
     resume = resume_checkpoint(ctx)
-    if resume and ctx.is_main:
-        print(f"[pretrain] resuming from {resume}", flush=True)
     initial_file = ctx.output_dir / f"initial_eval-{ctx.config_hash}.json"
     # The held-out loss before the first step (eval_on_start) is kept in a file, so a resumed run
     # still reports the true starting perplexity.

@@ -152,8 +152,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         train_pairs = prepare(train, tokenizer, "train", ctx.is_main)
         eval_pairs = prepare(held_out, tokenizer, "eval", ctx.is_main)
     resume = resume_checkpoint(ctx)
-    if resume and ctx.is_main:
-        print(f"[reward] resuming from {resume}", flush=True)
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs, processing_class=tokenizer,
         peft_config=lora_config(cfg.lora, "seq_cls") if cfg.lora is not None else None,

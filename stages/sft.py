@@ -101,8 +101,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         eval_pairs = (prompt_completion(held_out, tokenizer, resolve_source(cfg.data.eval, data_dir))
                       if held_out is not None else None)
     resume = resume_checkpoint(ctx)
-    if resume and ctx.is_main:
-        print(f"[sft] resuming from {resume}", flush=True)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs, processing_class=tokenizer,
         peft_config=lora_config(cfg.lora, "causal_lm") if cfg.lora is not None else None,
