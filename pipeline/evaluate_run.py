@@ -72,27 +72,16 @@ def check_judge(spec: str) -> None:
         raise UserError(f"eval.judge: {err}") from None
 
 
-def eval_settings(cfg: PipelineConfig, n_prompts: int) -> dict[str, Any]:
-    """The sampling and judging settings an evaluation of this config uses (as results.json records them)."""
-    return {"judge": cfg.eval.judge, "n_prompts": n_prompts, "seed": cfg.eval.seed,
-            "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
-            "max_new_tokens": cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens,
-            "min_new_tokens": cfg.ppo.min_new_tokens, "baseline": BASELINE}
-
-
 def evaluate_run(rd: RunDir, cfg: PipelineConfig, prompts: list[str], policies: dict[str, str]) -> dict[str, Any]:
     """Generate from each policy, judge, compare with sft; write results.json, print and log them."""
     import torch
 
-    from pipeline.evaluation import evaluate_policies
+    from pipeline.evaluation import eval_settings, evaluate_policies
 
     reward = completed_final(rd, "reward")
-    settings = eval_settings(cfg, len(prompts))
     print(f"[eval] {', '.join(policies)} on {len(prompts)} held-out prompts; judge: {cfg.eval.judge}", flush=True)
     results = evaluate_policies(
-        policies, reference=policies[BASELINE], prompts=prompts, judge_spec=settings["judge"],
-        max_new_tokens=settings["max_new_tokens"], min_new_tokens=settings["min_new_tokens"],
-        temperature=settings["temperature"], top_p=settings["top_p"], seed=settings["seed"], baseline=BASELINE,
+        policies, reference=policies[BASELINE], prompts=prompts, settings=eval_settings(cfg, len(prompts), BASELINE),
         reward_model=str(rd.final_dir("reward")) if reward else None,
         device="cuda" if torch.cuda.is_available() else "cpu",
     )
@@ -122,6 +111,8 @@ def publish(rd: RunDir, cfg: PipelineConfig, results: dict[str, Any]) -> dict[st
 def ppo_stage_evaluation(rd: RunDir, cfg: PipelineConfig, n_prompts: int) -> dict[str, Any] | None:
     """The evaluation the ppo stage ran on its own final checkpoint, if it is exactly the one the end of
     `rlhf run` would run now: the same sft and ppo checkpoints, reward model, prompts and settings."""
+    from pipeline.evaluation import eval_settings
+
     ppo = completed_final(rd, "ppo")
     sft = completed_final(rd, "sft")
     results = (ppo or {}).get("evaluation")
@@ -132,7 +123,7 @@ def ppo_stage_evaluation(rd: RunDir, cfg: PipelineConfig, n_prompts: int) -> dic
     same_policies = paths == {"sft": rd.final_dir("sft").resolve(), "ppo": rd.final_dir("ppo").resolve()}
     same_inputs = (inputs.get("actor", {}).get("config_hash") == sft.get("config_hash")
                    and Path(inputs.get("reward_model", {}).get("path", "")).resolve() == rd.final_dir("reward").resolve())
-    if same_policies and same_inputs and results.get("settings") == eval_settings(cfg, n_prompts):
+    if same_policies and same_inputs and results.get("settings") == eval_settings(cfg, n_prompts, BASELINE):
         return results
     return None
 

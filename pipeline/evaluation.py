@@ -84,32 +84,35 @@ def make_judge(spec: str, tokenizer) -> Judge:
     return judging.load_judge(spec)
 
 
+def eval_settings(cfg, n_prompts: int, baseline: str = "sft") -> dict[str, Any]:
+    """How a config's evaluation samples and judges (`eval` section; response lengths from `ppo`), as
+    results.json records it: the PPO stage and `rlhf eval` both evaluate with exactly these."""
+    return {"judge": cfg.eval.judge, "n_prompts": n_prompts, "seed": cfg.eval.seed,
+            "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
+            "max_new_tokens": cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens,
+            "min_new_tokens": cfg.ppo.min_new_tokens, "baseline": baseline}
+
+
 def evaluate_policies(
     policies: dict[str, str],
     *,
     reference: str,
     prompts: list[str],
-    judge_spec: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    seed: int,
-    min_new_tokens: int = 0,
-    baseline: str = "sft",
+    settings: dict[str, Any],
     reward_model: str | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Generate, judge and compare each policy (name -> checkpoint dir) on the same prompts."""
+    """Generate, judge and compare each policy (name -> checkpoint dir) on the same prompts, sampling and
+    judging as `settings` (from `eval_settings`) say."""
     from pipeline.models import load_model, load_tokenizer
 
+    assert settings["n_prompts"] == len(prompts), (settings["n_prompts"], len(prompts))
+    max_new_tokens, min_new_tokens = settings["max_new_tokens"], settings["min_new_tokens"]
+    temperature, top_p, seed, baseline = settings["temperature"], settings["top_p"], settings["seed"], settings["baseline"]
     tokenizer = load_tokenizer(reference, what="eval reference")
-    judge = make_judge(judge_spec, tokenizer)
+    judge = make_judge(settings["judge"], tokenizer)
     ref_model = load_model(reference, what="eval reference").to(device).eval()
-    results: dict[str, Any] = {"policies": {}, "win_rates": {}, "guards": {}, "samples": {},
-                               "settings": {"judge": judge_spec, "n_prompts": len(prompts), "seed": seed,
-                                            "temperature": temperature, "top_p": top_p,
-                                            "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
-                                            "baseline": baseline}}
+    results: dict[str, Any] = {"policies": {}, "win_rates": {}, "guards": {}, "samples": {}, "settings": dict(settings)}
     judged: dict[str, list[float]] = {}
     for name, path in policies.items():
         model = ref_model if Path(path) == Path(reference) else load_model(path, what=f"eval policy {name}").to(device).eval()

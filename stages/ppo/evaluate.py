@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import StageContext
-from pipeline.evaluation import eval_prompts, evaluate_policies, format_table, headline
+from pipeline.evaluation import eval_prompts, eval_settings, evaluate_policies, format_table, headline
 
 
 def evaluate_after_training(ctx: StageContext) -> dict[str, Any]:
@@ -21,11 +21,8 @@ def evaluate_after_training(ctx: StageContext) -> dict[str, Any]:
         return {}
     sft = ctx.input_path("actor")
     results = evaluate_policies(
-        {"sft": sft, "ppo": str(ctx.staging_final)}, reference=sft, prompts=prompts, judge_spec=cfg.eval.judge,
-        max_new_tokens=cfg.eval.max_new_tokens or ctx.section.max_new_tokens,
-        min_new_tokens=ctx.section.min_new_tokens, temperature=cfg.eval.temperature,
-        top_p=cfg.eval.top_p, seed=cfg.eval.seed, reward_model=ctx.input_path("reward_model"),
-        device=ctx.device,
+        {"sft": sft, "ppo": str(ctx.staging_final)}, reference=sft, prompts=prompts,
+        settings=eval_settings(cfg, len(prompts)), reward_model=ctx.input_path("reward_model"), device=ctx.device,
     )
     results["policies"]["sft"]["path"] = sft
     results["policies"]["ppo"]["path"] = str(ctx.run_dir.final_dir("ppo"))
