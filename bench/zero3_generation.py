@@ -8,7 +8,7 @@ It builds a Llama-style causal LM from a config (random init, nothing downloaded
 times generating `--new-tokens` tokens for `--batch` prompts of `--prompt-len` random tokens:
 
   plain_sampler          the model without DeepSpeed: our sampler (`pipeline.generation.sample`); the ceiling
-  zero3_gather_once      our PPO rollout path: `gathered_for_generation(engine)` + our sampler (the time
+  zero3_gather_once      our PPO rollout path: `gathered_module(engine)` + our sampler (the time
                          includes the one gather; `gather_s` reports it alone)
   zero3_hooks_per_block  our sampler on the engine's module with ZeRO-3 hooks active, decoder blocks
                          as ZeRO-3 leaf modules (what our PPO engines set up): one fetch per block per token
@@ -261,7 +261,7 @@ def main(argv=None) -> dict:
     from transformers import LlamaForCausalLM
 
     from pipeline import ds_config
-    from pipeline.generation import gathered_for_generation, sample
+    from pipeline.generation import gathered_module, sample
 
     init_distributed(args.device)
     import deepspeed
@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
 
     def gather_once():
         t0 = time.perf_counter()
-        with gathered_for_generation(blocks) as model:
+        with gathered_module(blocks) as model:
             sync(device)
             gather_s = time.perf_counter() - t0
             return sample(model, prompt_ids, prompt_mask, generator=seeded(), **kw), gather_s

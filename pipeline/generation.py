@@ -3,7 +3,7 @@
 The loop is ours rather than `model.generate` because at RLHF sizes the per-token framework
 overhead dominates: each step here is one cached forward of the newest token plus the sampler,
 with no logits processors, stopping-criteria objects or host syncs beyond one `all()` per token.
-Under ZeRO-3, `gathered_for_generation` materialises the actor's weights once per rollout batch
+Under ZeRO-3, `gathered_module` materialises the actor's weights once per rollout batch
 and takes DeepSpeed's per-module hooks off, so no token pays for an all-gather.
 """
 
@@ -118,22 +118,29 @@ def ended_with_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gathered_for_generation(engine) -> Iterator[torch.nn.Module]:
-    """The engine's module with full weights for a whole rollout: gathered once under ZeRO-3.
+def gathered_module(engine) -> Iterator[torch.nn.Module]:
+    """The engine's module with full weights for a whole rollout or no-grad scoring pass.
 
-    Outside ZeRO-3 this just yields the module. Under ZeRO-3 it gathers every parameter once and
-    removes DeepSpeed's per-module fetch hooks for the duration (TRL's helpers), then restores them.
+    Outside ZeRO-3 this just yields the module. Under ZeRO-3 it gathers every parameter in one
+    coalesced all-gather (`deepspeed.zero.GatheredParameters` issues one collective per parameter)
+    and removes DeepSpeed's per-module fetch hooks for the duration (TRL's helpers), then restores
+    them and re-partitions the weights. The weights are read, never modified, inside.
     """
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     if stage != 3:
         yield engine.module
         return
-    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from trl.models.utils import add_hooks, remove_hooks
 
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-        remove_hooks(engine)
-        try:
-            yield engine.module
-        finally:
-            add_hooks(engine)
+    # every rank holds the same parameter list in the same order, so the collective matches
+    partitioned = [p for p in engine.module.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if partitioned:
+        partitioned[0].all_gather_coalesced(partitioned).wait()
+    remove_hooks(engine)
+    try:
+        yield engine.module
+    finally:
+        add_hooks(engine)
+        if partitioned:
+            partitioned[0].partition(param_list=partitioned, has_been_updated=False)

@@ -465,3 +465,44 @@ def test_critic_from_a_classifier_with_several_outputs_gets_a_fresh_value_head(t
     models = build_models(ctx, tiny.tokenizer, total_updates=1)
     assert models.critic.module.head.out_features == 1
     assert models.reward.module.head.out_features == 1
+
+
+def test_zero3_scoring_matches_the_unsharded_models_and_leaves_them_sharded(tiny, tmp_path, single_process_group):
+    """Under ZeRO-3 each model is gathered whole for its scoring forward (one collective, hooks off):
+    the numbers are those of the unsharded models, and every weight is partitioned again after."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.config import load_config
+    from pipeline.context import StageContext
+    from pipeline.rundir import RunDir, stage_inputs
+    from stages.ppo import experience as xp
+    from stages.ppo.engines import TokenValueModel, build_models
+    from stages.ppo.maths import logprobs_from_logits
+
+    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False,
+                                   deepspeed={"config": "zero3", "num_gpus": 1}))
+    ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
+                       inputs=stage_inputs(cfg, "ppo", RunDir(tmp_path / "run")), config_hash="test",
+                       deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
+    models = build_models(ctx, tiny.tokenizer, total_updates=4)
+    engines = (models.actor, models.critic, models.reference, models.reward)
+    assert all(e.zero_optimization_stage() == 3 for e in engines)
+    tok = tiny.tokenizer
+    ids, mask = left_pad([tok("A fine film", add_special_tokens=False)["input_ids"],
+                          tok("It was", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+    responses = torch.tensor([[11, 12, 13], [14, tok.eos_token_id, tok.pad_token_id]])
+    r = xp.Rollout(ids, mask, responses, response_mask(responses, tok.eos_token_id), torch.tensor([False, True]))
+
+    logprobs, ref_logprobs, values, scores = xp.score(models, r, temperature=1.0)
+
+    reward = TokenValueModel(AutoModelForSequenceClassification.from_pretrained(tiny.reward_dir)).eval()
+    with torch.no_grad():
+        expected_logprobs = logprobs_from_logits(xp.response_logits(tiny.policy, r), responses)
+        expected_values, expected_scores = xp.response_values(reward, r), xp.last_token_scores(reward, r)
+    torch.testing.assert_close(logprobs, expected_logprobs)
+    torch.testing.assert_close(ref_logprobs, expected_logprobs)
+    torch.testing.assert_close(values, expected_values)  # the critic starts as the reward model
+    torch.testing.assert_close(scores, expected_scores)
+    for engine in engines:
+        assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in engine.module.parameters())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.generation import gathered_for_generation, position_ids_from_mask, response_mask, sample
+from pipeline.generation import gathered_module, position_ids_from_mask, response_mask, sample
 from stages.ppo import maths
 
 
@@ -68,7 +68,7 @@ def last_token_scores(value_model, r: Rollout) -> torch.Tensor:
 
 
 def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) -> Rollout:
-    with gathered_for_generation(actor_engine) as model:
+    with gathered_module(actor_engine) as model:
         responses = sample(
             model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
@@ -92,22 +92,32 @@ def score(models, r: Rollout, temperature: float, pool=None) -> tuple[torch.Tens
     return (*policy_logprobs(models, r, temperature), *values_and_scores.result())
 
 
+# Scoring is one no-grad forward per model, so under ZeRO-3 each model is gathered whole for it
+# (`gathered_module`: one collective, no per-block hooks). Going through the hooks instead would also
+# leave a forward-only access trace in DeepSpeed's parameter coordinator that the next training
+# forward+backward finds stale, so the first update epoch would run without prefetching.
+
+
 @torch.no_grad()
 def value_scores(models, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
     """Critic values and reward-model scores."""
-    return response_values(models.critic, r), last_token_scores(models.reward, r)
+    with gathered_module(models.critic) as critic:
+        values = response_values(critic, r)
+    with gathered_module(models.reward) as reward:
+        return values, last_token_scores(reward, r)
 
 
 @torch.no_grad()
 def policy_logprobs(models, r: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The actor's and the reference's log-probs of the sampled tokens."""
-    logits = response_logits(models.actor, r) / temperature
-    logprobs = maths.logprobs_from_logits(logits, r.responses)
+    with gathered_module(models.actor) as actor:
+        logprobs = maths.logprobs_from_logits(response_logits(actor, r) / temperature, r.responses)
+        if models.reference is None:  # LoRA actor: its base model with the adapters switched off
+            with actor.disable_adapter():
+                ref_logits = response_logits(actor, r)
     if models.reference is not None:
-        ref_logits = response_logits(models.reference, r)
-    else:  # LoRA actor: its base model with the adapters switched off is the reference
-        with models.actor.module.disable_adapter():
-            ref_logits = response_logits(models.actor, r)
+        with gathered_module(models.reference) as reference:
+            ref_logits = response_logits(reference, r)
     ref_logprobs = maths.logprobs_from_logits(ref_logits / temperature, r.responses)
     return logprobs, ref_logprobs
 
