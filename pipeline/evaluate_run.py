@@ -46,14 +46,21 @@ def find_policies(rd: RunDir, include_base: bool) -> dict[str, str]:
     return policies
 
 
-def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None) -> list[str] | None:
-    """`eval.prompts` (else ppo.data.eval), the first `num_prompts` (default eval.num_prompts); None if unset."""
+def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None,
+                     source: str | None = None) -> list[str] | None:
+    """`source` (else eval.prompts, else ppo.data.eval), the first `num_prompts` (default eval.num_prompts);
+    None if no source is set."""
     from pipeline.evaluation import eval_prompts
 
     if num_prompts is not None:
         if num_prompts < 1:
             raise UserError(f"--num-prompts: must be >= 1 (got {num_prompts})")
         cfg.eval.num_prompts = num_prompts
+    if source is not None:
+        if source.startswith(movie_reviews.PREFIX) and source[len(movie_reviews.PREFIX):] not in movie_reviews.SPLITS:
+            raise UserError(f"--prompts: unknown split '{source}'; choices: "
+                            + ", ".join(movie_reviews.PREFIX + s for s in movie_reviews.SPLITS))
+        cfg.eval.prompts = source
     source = cfg.eval.prompts or cfg.ppo.data.eval
     if source and source.startswith(movie_reviews.PREFIX):
         movie_reviews.prepare(cfg.movie_reviews, rd.data_dir / "movie-reviews")
@@ -162,8 +169,10 @@ def log_results(cfg: PipelineConfig, rd: RunDir, results: dict[str, Any]) -> Non
         tracker.finish()
 
 
-def run_eval_command(run_dir: str, include_base: bool, num_prompts: int | None) -> dict[str, Any]:
-    """`rlhf eval`: the run's own config, under the run lock so no stage rewrites a checkpoint meanwhile."""
+def run_eval_command(run_dir: str, include_base: bool, num_prompts: int | None, prompts_source: str | None = None,
+                     seed: int | None = None) -> dict[str, Any]:
+    """`rlhf eval`: the run's own config, under the run lock so no stage rewrites a checkpoint meanwhile.
+    `prompts_source` and `seed` replace eval.prompts and eval.seed for this evaluation only."""
     from pipeline.orchestrator import load_run_config
 
     rd = RunDir(Path(run_dir))
@@ -173,7 +182,9 @@ def run_eval_command(run_dir: str, include_base: bool, num_prompts: int | None) 
     with RunLock(rd):
         policies = find_policies(rd, include_base)
         check_judge(cfg.eval.judge)
-        prompts = held_out_prompts(cfg, rd, num_prompts)
+        if seed is not None:
+            cfg.eval.seed = seed
+        prompts = held_out_prompts(cfg, rd, num_prompts, prompts_source)
         if not prompts:
             raise UserError(f"{rd.config_path}: no held-out prompts; set eval.prompts or ppo.data.eval")
         return evaluate_run(rd, cfg, prompts, policies)

@@ -87,7 +87,8 @@ def make_judge(spec: str, tokenizer) -> Judge:
 def eval_settings(cfg, n_prompts: int, baseline: str = "sft") -> dict[str, Any]:
     """How a config's evaluation samples and judges (`eval` section; response lengths from `ppo`), as
     results.json records it: the PPO stage and `rlhf eval` both evaluate with exactly these."""
-    return {"judge": cfg.eval.judge, "n_prompts": n_prompts, "seed": cfg.eval.seed,
+    return {"judge": cfg.eval.judge, "prompts": cfg.eval.prompts or cfg.ppo.data.eval, "n_prompts": n_prompts,
+            "seed": cfg.eval.seed,
             "temperature": cfg.eval.temperature, "top_p": cfg.eval.top_p,
             "max_new_tokens": cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens,
             "min_new_tokens": cfg.ppo.min_new_tokens, "baseline": baseline}

