@@ -276,6 +276,9 @@ def test_one_rank_trains_saves_and_evaluates(tiny, one_rank_run):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
         assert {"time/rollout_s", "time/score_s", "time/advantages_s", "time/update_s", "time/step_s"} <= row.keys()
+        for phase in ("rollout", "score", "update"):  # response tokens over the phase's time
+            tokens = row["ppo/response_length"] * 8  # rollout_batch_size responses on the one rank
+            assert row[f"time/{phase}_tokens_per_s"] == pytest.approx(tokens / row[f"time/{phase}_s"], rel=1e-6)
         assert {f"ppo/{k}" for k in EXPECTED_METRICS} <= row.keys()
     assert rows[0]["ppo/kl_to_ref"] == 0.0  # the actor starts as the reference
     assert rows[-1]["ppo/reward_mean"] == pytest.approx(metrics["reward_mean"])
@@ -350,33 +353,45 @@ def single_process_group(monkeypatch):
     destroy_process_group()
 
 
-def test_lora_reference_is_the_base_with_adapters_off(tiny, tmp_path, single_process_group):
+def in_process_models(tiny: Tiny, tmp_path: Path, **config: Any):
+    """The four PPO engines built as the stage builds them, in this process (needs single_process_group)."""
     from pipeline.config import load_config
     from pipeline.context import StageContext
     from pipeline.rundir import RunDir, stage_inputs
-    from stages.ppo import experience as xp
     from stages.ppo.engines import build_models
-    from stages.ppo.maths import logprobs_from_logits
 
-    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, lora=LORA))
+    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, **config))
     run_dir = RunDir(tmp_path / "run")
     ctx = StageContext(name="ppo", config=cfg, run_dir=run_dir, inputs=stage_inputs(cfg, "ppo", run_dir),
                        config_hash="test", deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
-    models = build_models(ctx, tiny.tokenizer, total_updates=4)
+    return build_models(ctx, tiny.tokenizer, total_updates=4)
+
+
+def two_prompt_rollout(tok):
+    """Two left-padded prompts with hand-picked responses: one cut off, one ending in EOS then padding."""
+    from stages.ppo import experience as xp
+
+    ids, mask = left_pad([tok("A fine film", add_special_tokens=False)["input_ids"],
+                          tok("It was", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
+    responses = torch.tensor([[11, 12, 13], [14, tok.eos_token_id, tok.pad_token_id]])
+    return xp.Rollout(ids, mask, responses, response_mask(responses, tok.eos_token_id), torch.tensor([False, True]))
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tiny, tmp_path, single_process_group):
+    from stages.ppo import experience as xp
+    from stages.ppo.maths import logprobs_from_logits
+
+    models = in_process_models(tiny, tmp_path, lora=LORA)
     assert models.reference is None and models.uses_lora  # no separate reference engine
 
     with torch.no_grad():  # move the actor away from its base, as training would
         for name, p in models.actor.module.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    tok = tiny.tokenizer
-    ids, mask = left_pad([tok("A fine film", add_special_tokens=False)["input_ids"],
-                          tok("It was", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
-    responses = torch.tensor([[11, 12, 13], [14, tok.eos_token_id, tok.pad_token_id]])
-    r = xp.Rollout(ids, mask, responses, response_mask(responses, tok.eos_token_id), torch.tensor([False, True]))
+    r = two_prompt_rollout(tiny.tokenizer)
     logprobs, ref_logprobs, _, _ = xp.score(models, r, temperature=1.0)
     with torch.no_grad():
-        base = logprobs_from_logits(xp.response_logits(tiny.policy, r), responses)
+        base = logprobs_from_logits(xp.response_logits(tiny.policy, r), r.responses)
     torch.testing.assert_close(ref_logprobs, base)
     assert not torch.allclose(logprobs * r.mask, base * r.mask), "the actor's adapters had no effect"
 
@@ -473,32 +488,20 @@ def test_zero3_scoring_matches_the_unsharded_models_and_leaves_them_sharded(tiny
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.config import load_config
-    from pipeline.context import StageContext
-    from pipeline.rundir import RunDir, stage_inputs
     from stages.ppo import experience as xp
-    from stages.ppo.engines import TokenValueModel, build_models
+    from stages.ppo.engines import TokenValueModel
     from stages.ppo.maths import logprobs_from_logits
 
-    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False,
-                                   deepspeed={"config": "zero3", "num_gpus": 1}))
-    ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
-                       inputs=stage_inputs(cfg, "ppo", RunDir(tmp_path / "run")), config_hash="test",
-                       deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
-    models = build_models(ctx, tiny.tokenizer, total_updates=4)
+    models = in_process_models(tiny, tmp_path, deepspeed={"config": "zero3", "num_gpus": 1})
     engines = (models.actor, models.critic, models.reference, models.reward)
     assert all(e.zero_optimization_stage() == 3 for e in engines)
-    tok = tiny.tokenizer
-    ids, mask = left_pad([tok("A fine film", add_special_tokens=False)["input_ids"],
-                          tok("It was", add_special_tokens=False)["input_ids"]], tok.pad_token_id)
-    responses = torch.tensor([[11, 12, 13], [14, tok.eos_token_id, tok.pad_token_id]])
-    r = xp.Rollout(ids, mask, responses, response_mask(responses, tok.eos_token_id), torch.tensor([False, True]))
+    r = two_prompt_rollout(tiny.tokenizer)
 
     logprobs, ref_logprobs, values, scores = xp.score(models, r, temperature=1.0)
 
     reward = TokenValueModel(AutoModelForSequenceClassification.from_pretrained(tiny.reward_dir)).eval()
     with torch.no_grad():
-        expected_logprobs = logprobs_from_logits(xp.response_logits(tiny.policy, r), responses)
+        expected_logprobs = logprobs_from_logits(xp.response_logits(tiny.policy, r), r.responses)
         expected_values, expected_scores = xp.response_values(reward, r), xp.last_token_scores(reward, r)
     torch.testing.assert_close(logprobs, expected_logprobs)
     torch.testing.assert_close(ref_logprobs, expected_logprobs)

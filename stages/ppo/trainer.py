@@ -204,7 +204,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         if ctx.is_main:
             print(f"[ppo] resumed from {resume} at step {start_step}", flush=True)
 
-    local_rollout = cfg.rollout_batch_size // world
     local_minibatch = cfg.minibatch_size // world
     models.actor.eval()  # no dropout: the log-probs of the update must match those of the rollout
     models.critic.eval()
@@ -257,7 +256,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "ppo/response_length": float(r.mask.sum(-1).mean()), "ppo/eos_fraction": float(r.ended.float().mean()),
             "ppo/advantage_mean": float(maths.masked_mean(adv, r.mask)),
             **{f"time/{k}_s": v for k, v in timings.items()},
-            "time/rollout_tokens_per_s": new_tokens / max(timings["rollout"], 1e-9),
+            # each phase's throughput in this rank's response tokens, so the phases compare directly
+            **{f"time/{k}_tokens_per_s": new_tokens / max(timings[k], 1e-9) for k in ("rollout", "score", "update")},
             "time/step_s": sum(timings.values()),
         }
         step_stats = mean_over_ranks(step_stats, device)
