@@ -11,7 +11,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from pipeline.config import DataSection
 from pipeline.errors import DataError
@@ -53,18 +53,36 @@ def _is_blank(path: Path) -> bool:
     return True
 
 
+class BadJsonLine(ValueError):
+    """A JSONL line that does not parse: its 1-based number and the decoder's error."""
+
+    def __init__(self, number: int, err: json.JSONDecodeError):
+        super().__init__(f"line {number}: not valid JSON ({err.msg} at column {err.colno})")
+        self.number, self.err = number, err
+
+
+def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of a JSONL text, numbered from 1; raises
+    BadJsonLine at the first line that is not JSON."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BadJsonLine(number, err) from None
+        yield number, value
+
+
 def _bad_json_line(path: Path) -> str | None:
     """`line N: ...` for the first line of a JSONL file that is not a JSON object, or None."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                return f"line {number}: not valid JSON ({err.msg} at column {err.colno})"
-            if not isinstance(row, dict):
-                return f"line {number}: expected a JSON object, got {type(row).__name__}"
+        try:
+            for number, row in json_lines(f):
+                if not isinstance(row, dict):
+                    return f"line {number}: expected a JSON object, got {type(row).__name__}"
+        except BadJsonLine as bad:
+            return str(bad)
     return None
 
 

@@ -47,20 +47,21 @@ def find_policies(rd: RunDir, include_base: bool) -> dict[str, str]:
 
 
 def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None,
-                     source: str | None = None) -> list[str] | None:
-    """`source` (else eval.prompts, else ppo.data.eval), the first `num_prompts` (default eval.num_prompts);
-    None if no source is set."""
+                     prompts_source: str | None = None) -> list[str] | None:
+    """`prompts_source` (else eval.prompts, else ppo.data.eval), the first `num_prompts` (default
+    eval.num_prompts); None if no source is set."""
     from pipeline.evaluation import eval_prompts
 
     if num_prompts is not None:
         if num_prompts < 1:
             raise UserError(f"--num-prompts: must be >= 1 (got {num_prompts})")
         cfg.eval.num_prompts = num_prompts
-    if source is not None:
-        if source.startswith(movie_reviews.PREFIX) and source[len(movie_reviews.PREFIX):] not in movie_reviews.SPLITS:
-            raise UserError(f"--prompts: unknown split '{source}'; choices: "
+    if prompts_source is not None:
+        name = prompts_source[len(movie_reviews.PREFIX):]
+        if prompts_source.startswith(movie_reviews.PREFIX) and name not in movie_reviews.SPLITS:
+            raise UserError(f"--prompts: unknown split '{prompts_source}'; choices: "
                             + ", ".join(movie_reviews.PREFIX + s for s in movie_reviews.SPLITS))
-        cfg.eval.prompts = source
+        cfg.eval.prompts = prompts_source
     source = cfg.eval.prompts or cfg.ppo.data.eval
     if source and source.startswith(movie_reviews.PREFIX):
         movie_reviews.prepare(cfg.movie_reviews, rd.data_dir / "movie-reviews")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pipeline.checkpoint import atomic_write_text
+from pipeline.data import BadJsonLine, json_lines
 from pipeline.errors import UserError
 
 
@@ -69,16 +70,13 @@ def read_prompts(path: str) -> list[str]:
         prompts = [line.strip() for line in lines if line.strip()]
     else:
         prompts = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"--prompts: {path}:{number}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise UserError(f"--prompts: {path}:{number}: needs a string field 'prompt'")
-            prompts.append(row["prompt"])
+        try:
+            for number, row in json_lines(lines):
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise UserError(f"--prompts: {path}:{number}: needs a string field 'prompt'")
+                prompts.append(row["prompt"])
+        except BadJsonLine as bad:
+            raise UserError(f"--prompts: {path}:{bad.number}: not JSON ({bad.err.msg})") from None
     if not prompts:
         raise UserError(f"--prompts: {path}: no prompts")
     return prompts

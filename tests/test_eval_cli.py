@@ -139,6 +139,16 @@ def test_eval_include_base_without_pretrain_is_one_line_error(run_dir):
     assert result.stderr.strip().count("\n") == 0 and "pretrain" in result.stderr
 
 
+def test_generate_names_the_bad_line_of_a_prompts_file(run_dir, tmp_path):
+    for text, message in (('{"prompt": "a"}\n\n{"prompt": oops}\n', ":3: not JSON ("),
+                          ('{"prompt": "a"}\n["b"]\n', ":2: needs a string field 'prompt'")):
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(text)
+        result = rlhf("generate", str(run_dir / "ppo" / "final"), "--prompts", str(prompts))
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+        assert f"--prompts: {prompts}{message}" in result.stderr
+
+
 def test_generate_writes_one_row_per_prompt(run_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The film\n\nA bad\nGreat acting\n")
