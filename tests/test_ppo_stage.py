@@ -100,6 +100,23 @@ def test_top_p_keeps_the_top_token_even_below_its_mass():
     assert set(drawn.unique().tolist()) == {1, 3}
 
 
+def test_sampled_tokens_follow_the_softmax_and_never_a_masked_token():
+    # softmax([1, 3, 0, 2]) = 0.087, 0.644, 0.032, 0.237; the masked first and last entries have probability 0
+    inf = float("-inf")
+    logits = torch.tensor([[inf, 1.0, 3.0, 0.0, 2.0, inf]]).repeat(40_000, 1)
+    drawn = sample_token(logits, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=6).double() / len(drawn)
+    assert counts[0] == 0 and counts[5] == 0
+    # 40,000 draws: the standard error of each share is below 0.0025
+    torch.testing.assert_close(counts[1:5], torch.tensor([0.0871, 0.6439, 0.0321, 0.2369], dtype=torch.double),
+                               atol=0.008, rtol=0)
+    # temperature 2 flattens: softmax([0.5, 1.5, 0, 1]) = 0.186, 0.506, 0.113, 0.307 (rounded)
+    drawn = sample_token(logits, temperature=2.0, top_p=1.0, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(drawn, minlength=6).double() / len(drawn)
+    expected = torch.tensor([0.5, 1.5, 0.0, 1.0]).softmax(-1).double()
+    torch.testing.assert_close(counts[1:5], expected, atol=0.008, rtol=0)
+
+
 class _EosFirst(torch.nn.Module):
     """A fake LM whose every next-token distribution puts almost all mass on EOS (id 2)."""
 
@@ -119,6 +136,8 @@ def test_min_new_tokens_holds_eos_back_then_lets_it_through():
     assert (out[:, :3] != 2).all() and (out[:, 3] == 2).all()
     free = sample(_EosFirst(), ids, mask, max_new_tokens=8, eos_id=2, pad_id=0, generator=generator)
     assert free.tolist() == [[2], [2]]
+    # sampled in inference mode, handed out as an ordinary tensor the update's autograd may keep
+    assert not out.is_inference() and not free.is_inference()
 
 
 def _gpt2_like(tokenizer):
