@@ -439,17 +439,18 @@ def test_resume_after_kill_matches_the_uninterrupted_run(one_rank_run, tmp_path)
         assert without_time(rows_b[step]) == without_time(rows_a[step]), f"step {step}"
 
 
-def test_concurrent_actor_and_critic_updates_equal_sequential_ones(tiny, tmp_path, single_process_group):
-    """On one CPU rank the critic and reward model work on a second thread beside the actor and the
-    reference: the same operations, so scores, weights and logged stats are bit for bit those of the
-    sequential loop (these ops are too small to be split across intra-op threads)."""
+def test_value_process_gives_the_same_scores_updates_and_weights(tiny, tmp_path, single_process_group):
+    """On one CPU rank the critic and reward model live in a second process beside the actor and the
+    reference: the same operations on the same inputs, so scores, logged stats and weights are bit for
+    bit those of the one-process loop (these ops are too small to be split across intra-op threads)."""
     from pipeline.config import load_config
     from pipeline.context import StageContext
     from pipeline.generation import encode_prompts
     from pipeline.rundir import RunDir, stage_inputs
     from stages.ppo import experience as xp
     from stages.ppo.engines import build_models
-    from stages.ppo.trainer import concurrent_updates_pool, cores_split, update
+    from stages.ppo.trainer import cores_split, start_models, update
+    from stages.ppo.value_process import ValueProcess, critic_state
 
     cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False))
     ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
@@ -458,26 +459,59 @@ def test_concurrent_actor_and_critic_updates_equal_sequential_ones(tiny, tmp_pat
     tok = tiny.tokenizer
     ids, mask = left_pad(encode_prompts(tok, ["A fine film", "It was", "The plot", "Why"], 32), tok.pad_token_id)
     results = []
-    for concurrent in (False, True):
-        models = build_models(ctx, tok, total_updates=8)
-        pool = concurrent_updates_pool(ctx, models) if concurrent else None
-        assert (pool is not None) == concurrent  # one CPU rank under ZeRO-0: the pool is used
-        r = xp.rollout(models.actor, ids, mask, cfg.ppo, tok, torch.Generator().manual_seed(0))
-        with cores_split(pool):
-            scored = xp.score(models, r, cfg.ppo.temperature, pool)
-        logprobs, ref_logprobs, values, raw = scored
-        kl, rewards, adv, returns = xp.advantages(logprobs, ref_logprobs, values, raw, r, cfg.ppo, 0.05)
-        exp = xp.Experience(r, logprobs, ref_logprobs, values, raw, raw, kl, rewards, adv, returns)
-        with cores_split(pool):
-            stats = update(models, exp, cfg.ppo, 2, torch.Generator().manual_seed(1), pool)
-        weights = {f"{name}.{k}": v.detach().clone() for name, engine in (("actor", models.actor),
-                   ("critic", models.critic)) for k, v in engine.module.state_dict().items()}
+    for separate in (False, True):
+        if separate:
+            models, runner = start_models(ctx, tok, total_updates=8)
+            assert isinstance(runner, ValueProcess)  # one CPU rank under ZeRO-0
+        else:
+            models = build_models(ctx, tok, total_updates=8)
+            runner = None  # all four here
+        try:
+            r = xp.rollout(models.actor, ids, mask, cfg.ppo, tok, torch.Generator().manual_seed(0))
+            with cores_split(runner):
+                scored = xp.score(models, r, cfg.ppo.temperature, runner)
+            logprobs, ref_logprobs, values, raw = scored
+            kl, rewards, adv, returns = xp.advantages(logprobs, ref_logprobs, values, raw, r, cfg.ppo, 0.05)
+            exp = xp.Experience(r, logprobs, ref_logprobs, values, raw, raw, kl, rewards, adv, returns)
+            with cores_split(runner):
+                stats = update(models, exp, cfg.ppo, 2, torch.Generator().manual_seed(1), runner)
+            critic = runner.submit(critic_state).result() if runner else critic_state(models)
+        finally:
+            if runner:
+                runner.close()
+        weights = {**{f"actor.{k}": v.detach().clone() for k, v in models.actor.module.state_dict().items()},
+                   **{f"critic.{k}": v for k, v in critic.items()}}
         results.append((scored, stats, weights))
-    (seq_scored, seq_stats, seq_weights), (par_scored, par_stats, par_weights) = results
-    assert all(torch.equal(a, b) for a, b in zip(seq_scored, par_scored))
-    assert par_stats == seq_stats
-    assert seq_weights.keys() == par_weights.keys()
-    assert all(torch.equal(seq_weights[k], par_weights[k]) for k in seq_weights)
+    (one_scored, one_stats, one_weights), (two_scored, two_stats, two_weights) = results
+    assert all(torch.equal(a, b) for a, b in zip(one_scored, two_scored))
+    assert two_stats == one_stats
+    assert one_weights.keys() == two_weights.keys()
+    assert all(torch.equal(one_weights[k], two_weights[k]) for k in one_weights)
+
+
+def test_value_process_build_error_is_raised_in_the_ppo_loop(tiny, tmp_path, single_process_group):
+    """The reward model is loaded in the value process; its refusal reaches the PPO loop as the same
+    one-line UserError, and the process is gone afterwards."""
+    import multiprocessing
+
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.config import load_config
+    from pipeline.context import StageContext
+    from pipeline.errors import UserError
+    from pipeline.rundir import RunDir, stage_inputs
+    from stages.ppo.trainer import start_models
+
+    two = tmp_path / "two_labels"
+    AutoModelForSequenceClassification.from_pretrained(tiny.policy_dir, num_labels=2).save_pretrained(two)
+    tiny.tokenizer.save_pretrained(two)
+    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, reward_model=str(two)))
+    ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
+                       inputs=stage_inputs(cfg, "ppo", RunDir(tmp_path / "run")), config_hash="test",
+                       deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
+    with pytest.raises(UserError, match=f"ppo.reward_model: {two} has 2 outputs; a reward model must have exactly one"):
+        start_models(ctx, tiny.tokenizer, total_updates=1)
+    assert not multiprocessing.active_children()
 
 
 def test_critic_from_a_classifier_with_several_outputs_gets_a_fresh_value_head(tiny, tmp_path, single_process_group):
@@ -528,3 +562,32 @@ def test_zero3_scoring_matches_the_unsharded_models_and_leaves_them_sharded(tiny
     torch.testing.assert_close(scores, expected_scores)
     for engine in engines:
         assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in engine.module.parameters())
+
+
+def test_fused_gradient_clip_is_deepspeeds_clip_bit_for_bit(tiny, tmp_path, single_process_group):
+    """ZeRO-0 fp32 engines clip with foreach kernels (engines.fused_fp32_clip); the clipped gradients
+    must be exactly what DeepSpeed's own clip_grad_norm_ gives, below and above the threshold."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    models = in_process_models(tiny, tmp_path)
+    engine = models.actor
+    max_norm = engine.gradient_clipping()
+    assert max_norm > 0
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for scale in (1e-4, 1.0, 30.0):
+        grads = [torch.randn(p.shape, generator=gen) * scale for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        engine.clip_fp32_gradients()
+        fused = [p.grad.clone() for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        clip_grad_norm_(parameters=params, max_norm=max_norm, mpu=None)
+        assert all(torch.equal(a, p.grad) for a, p in zip(fused, params)), f"scale {scale}"
+        norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
+        clipped = any(not torch.equal(a, g) for a, g in zip(fused, grads))
+        assert clipped == (norm > max_norm), f"scale {scale}: norm {norm}, clipped {clipped}"
+        seen.add(clipped)
+    assert seen == {True, False}  # both sides of the threshold were exercised

@@ -86,6 +86,31 @@ def _fetch_whole_blocks(model: torch.nn.Module) -> None:
         set_z3_leaf_modules(model, classes)
 
 
+def fused_fp32_clip(engine) -> None:
+    """Make a ZeRO-0 fp32 engine clip its gradients with foreach kernels, in DeepSpeed's arithmetic.
+
+    DeepSpeed's `clip_fp32_gradients` walks the parameters in Python: a norm and a multiply per
+    gradient, plus an all-reduce of the total that averages MoE norms over data-parallel ranks (a no-op
+    here: after the gradient all-reduce every rank holds the same gradients). On small models that
+    Python is most of the optimizer step, and in one CPU process it holds the GIL that the critic's
+    thread waits for. The norms, the total and the coefficient below are DeepSpeed's operations in
+    DeepSpeed's order, so the clipped gradients are bitwise the same (tests/test_ppo_stage.py).
+    ZeRO 1-3 and fp16/bf16 engines clip inside DeepSpeed's own optimizers and are left alone.
+    """
+    max_norm = engine.gradient_clipping()
+
+    def clip() -> None:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        total = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum().pow(1.0 / 2.0)
+        ones = torch.ones(1, device=total.device)
+        coef = torch.min(ones, ones * float(max_norm) / (total + 1e-6))
+        torch._foreach_mul_(grads, coef.squeeze())
+
+    engine.clip_fp32_gradients = clip
+
+
 def _engine(model, ds: dict[str, Any], lr: float | None = None, weight_decay: float = 0.0,
             scheduler: tuple[str, int, int] | None = None):
     import deepspeed
@@ -106,6 +131,8 @@ def _engine(model, ds: dict[str, Any], lr: float | None = None, weight_decay: fl
     if ds_config.zero_stage(ds) == 0 and deepspeed.comm.get_world_size() == 1:
         # An all-reduce over one rank averages nothing but still flattens and copies every gradient.
         engine.enable_backward_allreduce = False
+    if ds_config.zero_stage(ds) == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()):
+        fused_fp32_clip(engine)
     return engine
 
 
@@ -115,7 +142,6 @@ class PPOModels:
     critic: Any  # DeepSpeedEngine over TokenValueModel
     reference: Any | None  # DeepSpeedEngine over a causal LM; None when the actor's LoRA base serves
     reward: Any  # DeepSpeedEngine over TokenValueModel
-    actor_ds: dict[str, Any]
     uses_lora: bool
 
 
@@ -126,10 +152,17 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_models(ctx: StageContext, tokenizer, total_updates: int) -> PPOModels:
+@dataclass
+class PPODeepSpeed:
+    actor: dict[str, Any]
+    critic: dict[str, Any]
+    frozen: dict[str, Any]  # reference and reward model: forward only
+    scheduler: tuple[str, int, int]  # (name, warmup, total updates) for both trained engines
+
+
+def deepspeed_configs(ctx: StageContext, total_updates: int) -> PPODeepSpeed:
     cfg = ctx.section
     local_minibatch = cfg.minibatch_size // ctx.world_size
-    local_rollout = cfg.rollout_batch_size // ctx.world_size
 
     def train_ds(overrides: dict[str, Any]) -> dict[str, Any]:
         ds = ds_config.resolve(ctx.deepspeed.config, micro_batch=local_minibatch, grad_accum=1,
@@ -137,11 +170,16 @@ def build_models(ctx: StageContext, tokenizer, total_updates: int) -> PPOModels:
         return _merge(ds, overrides)
 
     actor_ds = train_ds(cfg.actor_deepspeed)
-    critic_ds = train_ds(cfg.critic_deepspeed)
-    frozen_ds = ds_config.inference_config(actor_ds, local_rollout, ctx.world_size)
-    sched = (cfg.lr_scheduler, cfg.warmup_steps, total_updates)
+    frozen_ds = ds_config.inference_config(actor_ds, cfg.rollout_batch_size // ctx.world_size, ctx.world_size)
+    return PPODeepSpeed(actor_ds, train_ds(cfg.critic_deepspeed), frozen_ds,
+                        (cfg.lr_scheduler, cfg.warmup_steps, total_updates))
 
-    with zero3_init(actor_ds):
+
+def build_policy_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[Any, Any | None]:
+    """The actor's engine and the reference's (None with a LoRA actor: its base serves)."""
+    cfg = ctx.section
+    ds = deepspeed_configs(ctx, total_updates)
+    with zero3_init(ds.actor):
         actor = load_model(ctx.input_path("actor"), what="ppo.input")
     check_model_tokenizer(actor, tokenizer, "ppo.input")
     if cfg.lora is not None:
@@ -150,12 +188,19 @@ def build_models(ctx: StageContext, tokenizer, total_updates: int) -> PPOModels:
         actor = get_peft_model(actor, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
     actor.config.use_cache = False
-    actor_engine = _engine(actor, actor_ds, cfg.lr, cfg.weight_decay, sched)
+    actor_engine = _engine(actor, ds.actor, cfg.lr, cfg.weight_decay, ds.scheduler)
 
     reference = None
     if cfg.lora is None:  # with LoRA, the reference is the actor's base with adapters disabled
-        with zero3_init(frozen_ds):
-            reference = _engine(load_model(ctx.input_path("actor"), what="ppo.input"), frozen_ds)
+        with zero3_init(ds.frozen):
+            reference = _engine(load_model(ctx.input_path("actor"), what="ppo.input"), ds.frozen)
+    return actor_engine, reference
+
+
+def build_value_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[Any, Any]:
+    """The critic's engine and the reward model's."""
+    cfg = ctx.section
+    ds = deepspeed_configs(ctx, total_updates)
 
     def value_model(key: str, what: str, fresh_head_ok: bool) -> TokenValueModel:
         # A critic may start from any checkpoint (a new one-output head is made if needed);
@@ -168,9 +213,16 @@ def build_models(ctx: StageContext, tokenizer, total_updates: int) -> PPOModels:
         classifier.config.pad_token_id = tokenizer.pad_token_id
         return TokenValueModel(classifier)
 
-    with zero3_init(critic_ds):
+    with zero3_init(ds.critic):
         critic = value_model("critic", "ppo.critic", fresh_head_ok=True)
-    critic_engine = _engine(critic, critic_ds, cfg.critic_lr, cfg.weight_decay, sched)
-    with zero3_init(frozen_ds):
-        reward = _engine(value_model("reward_model", "ppo.reward_model", fresh_head_ok=False), frozen_ds)
-    return PPOModels(actor_engine, critic_engine, reference, reward, actor_ds, cfg.lora is not None)
+    critic_engine = _engine(critic, ds.critic, cfg.critic_lr, cfg.weight_decay, ds.scheduler)
+    with zero3_init(ds.frozen):
+        reward = _engine(value_model("reward_model", "ppo.reward_model", fresh_head_ok=False), ds.frozen)
+    return critic_engine, reward
+
+
+def build_models(ctx: StageContext, tokenizer, total_updates: int) -> PPOModels:
+    """All four engines in this process."""
+    actor, reference = build_policy_models(ctx, tokenizer, total_updates)
+    critic, reward = build_value_models(ctx, tokenizer, total_updates)
+    return PPOModels(actor, critic, reference, reward, ctx.section.lora is not None)

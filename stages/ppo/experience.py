@@ -11,6 +11,7 @@ import torch
 
 from pipeline.generation import gathered_module, position_ids_from_mask, response_mask, sample
 from stages.ppo import maths
+from stages.ppo.value_process import InProcess
 
 
 @dataclass
@@ -79,16 +80,14 @@ def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) ->
     return Rollout(prompt_ids, prompt_mask, responses, mask, ended)
 
 
-def score(models, r: Rollout, temperature: float, pool=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                        torch.Tensor]:
+def score(models, r: Rollout, temperature: float, value_runner=None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor, torch.Tensor]:
     """Old log-probs, reference log-probs, values and raw scores for a rollout.
 
-    With `pool` (one CPU process, see trainer.concurrent_updates_pool) the critic and the reward
-    model score on a second thread while the actor and the reference do here.
+    The critic and the reward model score through `value_runner` (stages/ppo/value_process.py;
+    here by default): in a value process they score there while the actor and the reference do here.
     """
-    if pool is None:
-        return (*policy_logprobs(models, r, temperature), *value_scores(models, r))
-    values_and_scores = pool.submit(value_scores, models, r)
+    values_and_scores = (value_runner or InProcess(models)).submit(value_scores, r)
     return (*policy_logprobs(models, r, temperature), *values_and_scores.result())
 
 

@@ -16,13 +16,12 @@ import functools
 import random
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from pipeline import sharding
+from pipeline import ds_config, sharding
 from pipeline.context import StageContext
 from pipeline.data import load_rows
 from pipeline.errors import UserError
@@ -32,9 +31,10 @@ from pipeline.rundir import semantic_stage_config
 from pipeline.worker import barrier
 from stages.ppo import experience as xp
 from stages.ppo import maths, state as ckpt
-from stages.ppo.engines import build_models
+from stages.ppo.engines import PPOModels, build_models, build_policy_models, deepspeed_configs
 from stages.ppo.evaluate import evaluate_after_training
 from stages.ppo.export import save_actor
+from stages.ppo.value_process import InProcess, ValueProcess, value_sharding, wants_value_process
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,77 +77,92 @@ def minibatch(r: xp.Rollout, idx: torch.Tensor) -> xp.Rollout:
     return xp.Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.responses[idx], r.mask[idx], r.ended[idx])
 
 
-def actor_update(models, exp: xp.Experience, r: xp.Rollout, idx: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+def actor_update(models, r: xp.Rollout, old_logprobs: torch.Tensor, advantages: torch.Tensor, cfg) -> dict[str, float]:
     """One clipped policy-gradient step of the actor on a minibatch."""
-    mask = r.mask
     logits = xp.response_logits(models.actor, r) / cfg.temperature
     logprobs = maths.logprobs_from_logits(logits, r.responses)
-    pg_loss, clipfrac, approx_kl = maths.policy_loss(logprobs, exp.logprobs[idx], exp.advantages[idx], mask,
-                                                     cfg.clip_range)
-    entropy = maths.masked_mean(maths.entropy_from_logits(logits), mask)
+    pg_loss, clipfrac, approx_kl = maths.policy_loss(logprobs, old_logprobs, advantages, r.mask, cfg.clip_range)
+    entropy = maths.masked_mean(maths.entropy_from_logits(logits), r.mask)
     loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef else pg_loss
     models.actor.backward(loss)
     models.actor.step()
-    return {"policy_loss": pg_loss, "clipfrac": clipfrac, "approx_kl": approx_kl, "entropy": entropy}
+    return {"policy_loss": float(pg_loss.detach()), "clipfrac": float(clipfrac), "approx_kl": float(approx_kl),
+            "entropy": float(entropy.detach())}
 
 
-def critic_update(models, exp: xp.Experience, r: xp.Rollout, idx: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+def critic_update(models, r: xp.Rollout, old_values: torch.Tensor, returns: torch.Tensor,
+                  clip_range_value: float) -> dict[str, float]:
     """One clipped value-regression step of the critic on the same minibatch."""
     values = xp.response_values(models.critic, r)
-    vf_loss, vf_clipfrac = maths.value_loss(values, exp.values[idx], exp.returns[idx], r.mask, cfg.clip_range_value)
+    vf_loss, vf_clipfrac = maths.value_loss(values, old_values, returns, r.mask, clip_range_value)
     models.critic.backward(vf_loss)
     models.critic.step()
-    return {"value_loss": vf_loss, "value_clipfrac": vf_clipfrac}
+    return {"value_loss": float(vf_loss.detach()), "value_clipfrac": float(vf_clipfrac)}
+
+
+def critic_eval_mode(models) -> None:
+    models.critic.eval()
 
 
 def update(models, exp: xp.Experience, cfg, minibatch_size: int, generator: torch.Generator,
-           pool: ThreadPoolExecutor | None = None) -> dict[str, float]:
+           value_runner=None) -> dict[str, float]:
     """Phase 4: `ppo_epochs` passes of clipped policy and value updates over shuffled minibatches.
 
-    The actor and critic steps are independent; with `pool` (one CPU process, no collectives) the
-    critic's runs on a second thread while the actor's runs here: the kernels release the GIL, so
-    the two share the cores instead of taking turns (under `cores_split` each thread has half of the
-    intra-op threads). The operations are the same as in the sequential loop.
+    The critic's steps go to `value_runner` (stages/ppo/value_process.py) before the actor's: in a
+    value process they run there while the actor's run here, in the same order as in one process.
     """
+    value_runner = value_runner or InProcess(models)
     stats: dict[str, list[float]] = defaultdict(list)
+    critic_steps = []
     n = exp.logprobs.shape[0]
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator, device=generator.device)
         for start in range(0, n, minibatch_size):
             idx = order[start : start + minibatch_size]
             r = minibatch(exp.rollout, idx)
-            if pool is None:
-                step_stats = {**actor_update(models, exp, r, idx, cfg), **critic_update(models, exp, r, idx, cfg)}
-            else:
-                critic_done = pool.submit(critic_update, models, exp, r, idx, cfg)
-                step_stats = {**actor_update(models, exp, r, idx, cfg), **critic_done.result()}
-            for key, value in step_stats.items():
-                stats[key].append(float(value.detach()))
+            critic_steps.append(value_runner.submit(critic_update, r, exp.values[idx], exp.returns[idx],
+                                              cfg.clip_range_value))
+            for key, value in actor_update(models, r, exp.logprobs[idx], exp.advantages[idx], cfg).items():
+                stats[key].append(value)
+    for step in critic_steps:
+        for key, value in step.result().items():
+            stats[key].append(value)
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-def concurrent_updates_pool(ctx: StageContext, models) -> ThreadPoolExecutor | None:
-    """A worker thread for the critic's and reward model's work when that is safe: one CPU rank under
-    ZeRO-0, where no step issues a collective (two threads issuing collectives could order them
-    differently). It takes half of the intra-op threads; `cores_split` gives the other half here."""
-    engines = (models.actor, models.critic)
-    if ctx.world_size != 1 or ctx.device != "cpu" or any(e.zero_optimization_stage() != 0 for e in engines):
-        return None
-    half = max(1, torch.get_num_threads() // 2)  # OpenMP settings are per thread: the worker sets its own
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="critic", initializer=torch.set_num_threads,
-                              initargs=(half,))
-
-
 @contextlib.contextmanager
-def cores_split(pool: ThreadPoolExecutor | None) -> Iterator[None]:
-    """While the worker thread runs beside this one, this one uses half of the intra-op threads."""
+def cores_split(value_runner) -> Iterator[None]:
+    """While the value process works beside this one, this one uses half of the intra-op threads."""
     threads = torch.get_num_threads()
-    if pool is not None:
+    if isinstance(value_runner, ValueProcess):
         torch.set_num_threads(max(1, threads // 2))
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def start_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[PPOModels, InProcess | ValueProcess]:
+    """The four engines, with the critic and reward model in a value process where that pays."""
+    ds = deepspeed_configs(ctx, total_updates)
+    if not wants_value_process(ctx, (ds_config.zero_stage(ds.actor), ds_config.zero_stage(ds.critic))):
+        models = build_models(ctx, tokenizer, total_updates)
+        return models, InProcess(models)
+    values = ValueProcess(ctx, tokenizer, total_updates, threads=max(1, torch.get_num_threads() // 2))
+    try:
+        actor, reference = build_policy_models(ctx, tokenizer, total_updates)
+        values.result(1)  # the critic and reward model are built; their errors are raised here
+    except BaseException:
+        values.close()
+        raise
+    return PPOModels(actor, values.critic, reference, None, ctx.section.lora is not None), values
+
+
+def sharding_report(models: PPOModels, value_runner) -> dict[str, Any]:
+    policy = sharding.report({"actor": models.actor, "reference": models.reference})
+    value = value_runner.submit(value_sharding).result()
+    engines = {**policy["engines"], **value["engines"]}
+    return {**policy, "engines": {k: engines[k] for k in ("actor", "critic", "reference", "reward") if k in engines}}
 
 
 class EMA:
@@ -166,8 +181,6 @@ class EMA:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.section
-    device = torch.device(ctx.device)
-    world, rank = ctx.world_size, ctx.rank
     if cfg.ema_decay is not None and ctx.deepspeed.config in ("zero3", "zero3_offload", "zero3_nvme"):
         raise UserError("ppo.ema_decay: EMA is supported with ZeRO stages 0-2 (the actor is sharded under ZeRO-3)")
 
@@ -183,11 +196,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
               f"{cfg.max_prompt_length} tokens", flush=True)
     prompt_ids = [ids[-cfg.max_prompt_length:] for ids in full_ids]
     updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
-    models = build_models(ctx, tokenizer, total_updates=cfg.max_steps * updates_per_step)
+    models, value_runner = start_models(ctx, tokenizer, total_updates=cfg.max_steps * updates_per_step)
+    try:
+        ema = EMA(models.actor.module, cfg.ema_decay) if cfg.ema_decay else None
+        metrics = train(ctx, models, value_runner, tokenizer, prompts, prompt_ids, ema)
+        sharding_info = sharding_report(models, value_runner)
+    finally:
+        value_runner.close()
+    save_actor(models, tokenizer, ctx, ema)
+    barrier()
+    result = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("ppo/")}
+    result["steps"] = cfg.max_steps
+    result["sharding"] = sharding_info
+    result.update(evaluate_after_training(ctx))
+    return result
+
+
+def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts: list[str],
+          prompt_ids: list[list[int]], ema: EMA | None) -> dict[str, float]:
+    """Resume from the newest checkpoint if any, then run the PPO steps; returns the last step's metrics."""
+    cfg = ctx.section
+    device = torch.device(ctx.device)
+    world, rank = ctx.world_size, ctx.rank
     kl_ctl = (maths.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else maths.FixedKLController(cfg.kl_coef))
     moments = xp.RunningMoments()
-    ema = EMA(models.actor.module, cfg.ema_decay) if cfg.ema_decay else None
     engines = {"actor": models.actor, "critic": models.critic}
     stage_config = semantic_stage_config(ctx.config, "ppo")
     sampling_seed = cfg.sampling_seed if cfg.sampling_seed is not None else ctx.config.run.seed
@@ -205,10 +238,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
             print(f"[ppo] resumed from {resume} at step {start_step}", flush=True)
 
     local_minibatch = cfg.minibatch_size // world
-    models.actor.eval()  # no dropout: the log-probs of the update must match those of the rollout
-    models.critic.eval()
+    models.actor.eval()  # no dropout: the log-probs and values of the update must match the scoring's
+    value_runner.submit(critic_eval_mode).result()
     metrics: dict[str, float] = {}
-    pool = concurrent_updates_pool(ctx, models)
     for step in range(start_step, cfg.max_steps):
         timings: dict[str, float] = {}
         generator = torch.Generator(device=device).manual_seed(sampling_seed * 1_000_003 + step * 1009 + rank)
@@ -225,8 +257,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         # 2. score
         t0 = time.perf_counter()
-        with cores_split(pool):
-            logprobs, ref_logprobs, values, raw_scores = xp.score(models, r, cfg.temperature, pool)
+        with cores_split(value_runner):
+            logprobs, ref_logprobs, values, raw_scores = xp.score(models, r, cfg.temperature, value_runner)
         sync(device)
         timings["score"] = time.perf_counter() - t0
 
@@ -239,8 +271,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
         # 4. update
         t0 = time.perf_counter()
-        with cores_split(pool):
-            train_stats = update(models, exp, cfg, local_minibatch, generator, pool)
+        with cores_split(value_runner):
+            train_stats = update(models, exp, cfg, local_minibatch, generator, value_runner)
         if ema is not None:
             ema.update(models.actor.module)
         sync(device)
@@ -288,13 +320,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 "ema": {k: v.tolist() for k, v in ema.shadow.items()} if ema else None,
             }, rank, cfg.keep_checkpoints, barrier)
 
-    if pool is not None:
-        pool.shutdown()
-    save_actor(models, tokenizer, ctx, ema)
-    barrier()
-    result = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("ppo/")}
-    result["steps"] = cfg.max_steps
-    result["sharding"] = sharding.report({"actor": models.actor, "critic": models.critic,
-                                          "reference": models.reference, "reward": models.reward})
-    result.update(evaluate_after_training(ctx))
-    return result
+    return metrics
