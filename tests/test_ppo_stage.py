@@ -591,3 +591,56 @@ def test_fused_gradient_clip_is_deepspeeds_clip_bit_for_bit(tiny, tmp_path, sing
         assert clipped == (norm > max_norm), f"scale {scale}: norm {norm}, clipped {clipped}"
         seen.add(clipped)
     assert seen == {True, False}  # both sides of the threshold were exercised
+
+
+def test_zero3_gather_for_scoring_keeps_the_hooks_and_the_recorded_fetch_order(tiny, tmp_path, single_process_group):
+    """ZeRO-3 records the order in which a training forward/backward fetches parameters and prefetches
+    along it from then on. Gathering a model for rollout or scoring takes its hooks off and puts the
+    very same ones back, so that order stays valid: no update after scoring runs without prefetch."""
+    from stages.ppo import experience as xp
+
+    models = in_process_models(tiny, tmp_path, deepspeed={"config": "zero3", "num_gpus": 1})
+    r = two_prompt_rollout(tiny.tokenizer)
+    losses = {models.actor: lambda: xp.response_logits(models.actor, r).float().logsumexp(-1).mean(),
+              models.critic: lambda: xp.response_values(models.critic, r).pow(2).mean()}
+
+    def coordinator(engine):
+        return engine.optimizer.parameter_offload.get_param_coordinator()
+
+    def hooks(engine):
+        return [(name, getattr(m, "ds_id", None), list(m._forward_pre_hooks.items()), list(m._forward_hooks.items()))
+                for name, m in engine.module.named_modules()]
+
+    def train_step(engine) -> None:
+        engine.backward(losses[engine]())
+        engine.step()
+
+    for engine in losses:
+        for _ in range(2):  # the first step invalidates the empty trace, the second records it
+            train_step(engine)
+        assert coordinator(engine).is_complete_trace()
+    before = {engine: hooks(engine) for engine in losses}
+
+    xp.score(models, r, temperature=1.0)
+    for engine in losses:
+        assert hooks(engine) == before[engine]  # same modules, ids, hook functions and order
+        assert coordinator(engine).is_complete_trace()
+        train_step(engine)  # follows the recorded order: nothing invalidates it
+        assert coordinator(engine).is_complete_trace()
+
+
+def test_value_model_holds_its_classifier_once():
+    """The critic's and reward model's wrapper reaches the backbone and head through the classifier:
+    registered twice, ZeRO-3 would hook and run every backbone module twice per pass."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from stages.ppo.engines import TokenValueModel
+
+    classifier = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=32,
+                                                           n_positions=16, num_labels=1, pad_token_id=0))
+    model = TokenValueModel(classifier)
+    assert [name for name, _ in model.named_children()] == ["classifier"]
+    assert model.backbone is classifier.transformer and model.head is classifier.score
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    assert len(names) == len(set(id(m) for m in model.modules()))
+    assert list(model.state_dict()) == [f"classifier.{k}" for k in classifier.state_dict()]
