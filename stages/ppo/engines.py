@@ -24,9 +24,17 @@ class TokenValueModel(torch.nn.Module):
 
     def __init__(self, classifier: torch.nn.Module):
         super().__init__()
-        self.classifier = classifier
-        self.backbone = getattr(classifier, classifier.base_model_prefix)
-        self.head = classifier.score
+        self.classifier = classifier  # the only submodule: see `backbone`
+
+    # Read through the classifier rather than registered a second time as submodules: DeepSpeed's
+    # ZeRO-3 walks the module tree and would hook (and run the hooks of) every backbone module twice.
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return getattr(self.classifier, self.classifier.base_model_prefix)
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.classifier.score
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
