@@ -16,8 +16,9 @@ The setting (printed with the result):
   reward     GPT2ForSequenceClassification of the same shape, one output; it is also the critic init.
   PPO        16 prompts of 4-8 words per step, 16 new tokens, temperature 1, 4 epochs of one minibatch
              of 16, fp32; OMP_NUM_THREADS=1 for every rank, 2 cores in all: the 1-rank run uses the
-             second core through its second thread (critic and reward model beside actor and
-             reference); two OpenMP threads on ops this small were slower (see bench/README.md).
+             second core through its value process (critic and reward model beside actor and
+             reference, stages/ppo/value_process.py); two OpenMP threads on ops this small were
+             slower (see bench/README.md).
 
 Run it on an otherwise idle machine: the table records the highest load average seen during each
 run and warns when other processes shared the cores.

@@ -508,7 +508,7 @@ def test_nan_reward_stops_ppo_naming_the_step_and_last_good_checkpoint(run_dir, 
                                                                        monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
-    from stages.ppo import experience
+    from stages.ppo import experience, trainer
 
     reward_dir = tmp_path / "reward_model"
     AutoModelForSequenceClassification.from_pretrained(final_of(pretrained), num_labels=1).save_pretrained(reward_dir)
@@ -520,6 +520,9 @@ def test_nan_reward_stops_ppo_naming_the_step_and_last_good_checkpoint(run_dir, 
         return scores if len(calls) == 1 else torch.full_like(scores, float("nan"))
 
     monkeypatch.setattr(experience, "last_token_scores", scores_turning_nan)
+    # The patch lives in this process: keep the reward model here too, not in the value process
+    # (spawned, so unpatched) that one CPU rank would otherwise start. The NaN check is the loop's.
+    monkeypatch.setattr(trainer, "wants_value_process", lambda ctx, zero_stages: False)
     before = checkpoint_files(run_dir)
     result = rlhf_here(*run_args(run_dir, "ppo", "ppo.enabled=true", f"ppo.input={final_of(pretrained)}",
                                  f"ppo.reward_model={reward_dir}", "ppo.data.train=movie-reviews:ppo_train",

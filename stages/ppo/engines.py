@@ -100,9 +100,9 @@ def fused_fp32_clip(engine) -> None:
     DeepSpeed's `clip_fp32_gradients` walks the parameters in Python: a norm and a multiply per
     gradient, plus an all-reduce of the total that averages MoE norms over data-parallel ranks (a no-op
     here: after the gradient all-reduce every rank holds the same gradients). On small models that
-    Python is most of the optimizer step, and in one CPU process it holds the GIL that the critic's
-    thread waits for. The norms, the total and the coefficient below are DeepSpeed's operations in
-    DeepSpeed's order, so the clipped gradients are bitwise the same (tests/test_ppo_stage.py).
+    Python is most of the optimizer step. The norms, the total and the coefficient below are
+    DeepSpeed's operations in DeepSpeed's order, so the clipped gradients are bitwise the same
+    (tests/test_ppo_stage.py).
     ZeRO 1-3 and fp16/bf16 engines clip inside DeepSpeed's own optimizers and are left alone.
     """
     max_norm = engine.gradient_clipping()
