@@ -372,18 +372,23 @@ def single_process_group(monkeypatch):
     destroy_process_group()
 
 
-def in_process_models(tiny: Tiny, tmp_path: Path, **config: Any):
-    """The four PPO engines built as the stage builds them, in this process (needs single_process_group)."""
+def ppo_context(tiny: Tiny, tmp_path: Path, **config: Any):
+    """The PPO stage's context for a tiny config (no tracker, no evaluation), as the worker makes it."""
     from pipeline.config import load_config
     from pipeline.context import StageContext
     from pipeline.rundir import RunDir, stage_inputs
-    from stages.ppo.engines import build_models
 
     cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, **config))
     run_dir = RunDir(tmp_path / "run")
-    ctx = StageContext(name="ppo", config=cfg, run_dir=run_dir, inputs=stage_inputs(cfg, "ppo", run_dir),
-                       config_hash="test", deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
-    return build_models(ctx, tiny.tokenizer, total_updates=4)
+    return StageContext(name="ppo", config=cfg, run_dir=run_dir, inputs=stage_inputs(cfg, "ppo", run_dir),
+                        config_hash="test", deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
+
+
+def in_process_models(tiny: Tiny, tmp_path: Path, **config: Any):
+    """The four PPO engines built as the stage builds them, in this process (needs single_process_group)."""
+    from stages.ppo.engines import build_models
+
+    return build_models(ppo_context(tiny, tmp_path, **config), tiny.tokenizer, total_updates=4)
 
 
 def two_prompt_rollout(tok):
@@ -443,19 +448,14 @@ def test_value_process_gives_the_same_scores_updates_and_weights(tiny, tmp_path,
     """On one CPU rank the critic and reward model live in a second process beside the actor and the
     reference: the same operations on the same inputs, so scores, logged stats and weights are bit for
     bit those of the one-process loop (these ops are too small to be split across intra-op threads)."""
-    from pipeline.config import load_config
-    from pipeline.context import StageContext
     from pipeline.generation import encode_prompts
-    from pipeline.rundir import RunDir, stage_inputs
     from stages.ppo import experience as xp
     from stages.ppo.engines import build_models
     from stages.ppo.trainer import cores_split, start_models, update
     from stages.ppo.value_process import ValueProcess, critic_state
 
-    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False))
-    ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
-                       inputs=stage_inputs(cfg, "ppo", RunDir(tmp_path / "run")), config_hash="test",
-                       deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
+    ctx = ppo_context(tiny, tmp_path)
+    cfg = ctx.config
     tok = tiny.tokenizer
     ids, mask = left_pad(encode_prompts(tok, ["A fine film", "It was", "The plot", "Why"], 32), tok.pad_token_id)
     results = []
@@ -496,19 +496,13 @@ def test_value_process_build_error_is_raised_in_the_ppo_loop(tiny, tmp_path, sin
 
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.config import load_config
-    from pipeline.context import StageContext
     from pipeline.errors import UserError
-    from pipeline.rundir import RunDir, stage_inputs
     from stages.ppo.trainer import start_models
 
     two = tmp_path / "two_labels"
     AutoModelForSequenceClassification.from_pretrained(tiny.policy_dir, num_labels=2).save_pretrained(two)
     tiny.tokenizer.save_pretrained(two)
-    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, reward_model=str(two)))
-    ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
-                       inputs=stage_inputs(cfg, "ppo", RunDir(tmp_path / "run")), config_hash="test",
-                       deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
+    ctx = ppo_context(tiny, tmp_path, reward_model=str(two))
     with pytest.raises(UserError, match=f"ppo.reward_model: {two} has 2 outputs; a reward model must have exactly one"):
         start_models(ctx, tiny.tokenizer, total_updates=1)
     assert not multiprocessing.active_children()
@@ -518,19 +512,12 @@ def test_critic_from_a_classifier_with_several_outputs_gets_a_fresh_value_head(t
     """`ppo.critic` may start from any classifier: its head is replaced by one output (the reward model's is not)."""
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.config import load_config
-    from pipeline.context import StageContext
-    from pipeline.rundir import RunDir, stage_inputs
     from stages.ppo.engines import build_models
 
     three = tmp_path / "three_labels"
     AutoModelForSequenceClassification.from_pretrained(tiny.policy_dir, num_labels=3).save_pretrained(three)
     tiny.tokenizer.save_pretrained(three)
-    cfg = load_config(write_config(tmp_path / "ppo.yaml", tiny, eval_enabled=False, critic=str(three)))
-    ctx = StageContext(name="ppo", config=cfg, run_dir=RunDir(tmp_path / "run"),
-                       inputs=stage_inputs(cfg, "ppo", RunDir(tmp_path / "run")), config_hash="test",
-                       deepspeed=cfg.stage_deepspeed("ppo"), tracker=None)
-    models = build_models(ctx, tiny.tokenizer, total_updates=1)
+    models = build_models(ppo_context(tiny, tmp_path, critic=str(three)), tiny.tokenizer, total_updates=1)
     assert models.critic.module.head.out_features == 1
     assert models.reward.module.head.out_features == 1
 
