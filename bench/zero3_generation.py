@@ -82,7 +82,7 @@ def ppo_parts():
         pkg.__path__ = [str(ROOT / "stages" / "ppo")]
         sys.modules["stages.ppo"] = pkg
         stages.ppo = pkg
-    return tuple(importlib.import_module(f"stages.ppo.{m}") for m in ("engines", "experience", "maths"))
+    return tuple(importlib.import_module(f"stages.ppo.{m}") for m in ("engines", "experience", "maths", "update"))
 
 
 def init_distributed(device: str) -> None:
@@ -124,7 +124,7 @@ def zero3_engine(model, ds, whole_blocks: bool):
     """A frozen ZeRO-3 engine as the PPO stage makes one; `whole_blocks=False` keeps DeepSpeed's default hooks."""
     import deepspeed
 
-    engines, _, _ = ppo_parts()
+    engines, *_ = ppo_parts()
     if whole_blocks:
         return engines._engine(model, ds)
     model.eval()
@@ -176,7 +176,7 @@ def ppo_check(args, cfg, device, dtype, base_state) -> dict:
     from pipeline import ds_config
     from pipeline.config import PPOSection
 
-    engines, xp, maths = ppo_parts()
+    engines, xp, maths, ppo_update = ppo_parts()
     section = PPOSection(rollout_batch_size=args.batch, minibatch_size=max(1, args.batch // 2), ppo_epochs=1,
                          max_new_tokens=args.new_tokens, lr=1e-6)
     train_ds = ds_config.resolve("zero3", micro_batch=section.minibatch_size, grad_accum=1, world_size=1,
@@ -229,15 +229,10 @@ def ppo_check(args, cfg, device, dtype, base_state) -> dict:
             for start in range(0, args.batch, section.minibatch_size):
                 idx = order[start : start + section.minibatch_size]
                 mb = xp.Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.responses[idx], r.mask[idx], r.ended[idx])
-                new = maths.logprobs_from_logits(xp.response_logits(models.actor, mb), mb.responses)
-                pg, _, _ = maths.policy_loss(new, logprobs[idx], adv[idx], mb.mask, section.clip_range)
-                models.actor.backward(pg)
-                models.actor.step()
-                vf, _ = maths.value_loss(xp.response_values(models.critic, mb), values[idx], returns[idx], mb.mask,
-                                         section.clip_range_value)
-                models.critic.backward(vf)
-                models.critic.step()
-                losses.append((float(pg.detach()), float(vf.detach())))
+                # the stage's own update steps (under ZeRO-3: gathered whole when within the live budget)
+                actor = ppo_update.actor_update(models, mb, logprobs[idx], adv[idx], section)
+                critic = ppo_update.critic_update(models, mb, values[idx], returns[idx], section.clip_range_value)
+                losses.append((actor["policy_loss"], critic["value_loss"]))
             return losses
 
         losses = phase("update", update)
@@ -261,7 +256,8 @@ def main(argv=None) -> dict:
     from transformers import LlamaForCausalLM
 
     from pipeline import ds_config
-    from pipeline.generation import gathered_module, sample
+    from pipeline.generation import sample
+    from pipeline.zero3 import gathered_module
 
     init_distributed(args.device)
     import deepspeed

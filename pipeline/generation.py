@@ -3,14 +3,11 @@
 The loop is ours rather than `model.generate` because at RLHF sizes the per-token framework
 overhead dominates: each step here is one cached forward of the newest token plus the sampler,
 with no logits processors, stopping-criteria objects or host syncs beyond one `all()` per token.
-Under ZeRO-3, `gathered_module` materialises the actor's weights once per rollout batch
-and takes DeepSpeed's per-module hooks off, so no token pays for an all-gather.
+Under ZeRO-3, callers sample inside `pipeline.zero3.gathered_module`: the actor's weights are
+gathered once per rollout batch and DeepSpeed's per-module hooks are off, so no token pays for an all-gather.
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator
 
 import torch
 
@@ -133,59 +130,3 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def ended_with_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (responses == eos_id).any(-1)
-
-
-@contextlib.contextmanager
-def gathered_module(engine) -> Iterator[torch.nn.Module]:
-    """The engine's module with full weights for a whole rollout or no-grad scoring pass.
-
-    Outside ZeRO-3 this just yields the module. Under ZeRO-3 it gathers every parameter in one
-    coalesced all-gather (`deepspeed.zero.GatheredParameters` issues one collective per parameter)
-    and takes DeepSpeed's per-module fetch hooks off for the duration, then puts them back and
-    re-partitions the weights. The weights are read, never modified, inside.
-    """
-    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
-    if stage != 3:
-        yield engine.module
-        return
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    # every rank holds the same parameter list in the same order, so the collective matches
-    partitioned = [p for p in engine.module.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    if partitioned:
-        partitioned[0].all_gather_coalesced(partitioned).wait()
-    try:
-        with zero3_hooks_suspended(engine):
-            yield engine.module
-    finally:
-        if partitioned:
-            partitioned[0].partition(param_list=partitioned, has_been_updated=False)
-
-
-@contextlib.contextmanager
-def zero3_hooks_suspended(engine) -> Iterator[None]:
-    """Take a ZeRO-3 engine's module hooks out for a while and put the very same ones back.
-
-    TRL's `remove_hooks`/`add_hooks` re-register the hooks instead: DeepSpeed then numbers every
-    module anew and drops its recorded fetch order, so the next training forward and backward
-    run without prefetch while a new order is recorded (with a check across ranks). Here each
-    hook goes back under its own handle id and in its place, so the recorded order stays valid.
-    """
-    offload = getattr(engine.optimizer, "parameter_offload", None) or engine.optimizer
-    handles = [*offload.forward_hooks, *offload.backward_hooks, offload.fwd_pre_hook]
-    dicts = {}  # id(dict) -> (dict, its keys in order): every dict a hook is removed from
-    removed = []
-    for handle in handles:
-        refs = (handle.hooks_dict_ref, *handle.extra_dict_ref)
-        for d in filter(lambda d: d is not None and handle.id in d, (ref() for ref in refs)):
-            dicts.setdefault(id(d), (d, list(d)))
-            removed.append((d, handle.id, d.pop(handle.id)))
-    try:
-        yield
-    finally:
-        for d, key, value in removed:
-            d[key] = value
-        for d, order in dicts.values():
-            for key in order:
-                if key in d and hasattr(d, "move_to_end"):
-                    d.move_to_end(key)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -451,7 +452,8 @@ def test_value_process_gives_the_same_scores_updates_and_weights(tiny, tmp_path,
     from pipeline.generation import encode_prompts
     from stages.ppo import experience as xp
     from stages.ppo.engines import build_models
-    from stages.ppo.trainer import cores_split, start_models, update
+    from stages.ppo.trainer import cores_split, start_models
+    from stages.ppo.update import update
     from stages.ppo.value_process import ValueProcess, critic_state
 
     ctx = ppo_context(tiny, tmp_path)
@@ -614,6 +616,67 @@ def test_zero3_gather_for_scoring_keeps_the_hooks_and_the_recorded_fetch_order(t
         assert coordinator(engine).is_complete_trace()
         train_step(engine)  # follows the recorded order: nothing invalidates it
         assert coordinator(engine).is_complete_trace()
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_zero3_update_gathers_a_model_within_the_live_budget_once_and_trains_as_per_module_fetch(
+        tiny, tmp_path, single_process_group, monkeypatch, lora):
+    """A ZeRO-3 update pass whose model fits `stage3_max_live_parameters` gathers it whole (one
+    collective, DeepSpeed's per-module fetch hooks off); a model over the budget keeps per-module
+    fetch. Both must train to the same weights, and leave the models partitioned and hooked as before."""
+    import deepspeed
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.parameter_offload import ZeROOrderedDict
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    from pipeline.zero3 import fits_live_budget
+    from stages.ppo import update
+
+    fetched = []
+    fetch = PartitionedParameterCoordinator.fetch_sub_module
+    monkeypatch.setattr(PartitionedParameterCoordinator, "fetch_sub_module",
+                        lambda self, module, *a, **k: (fetched.append(module), fetch(self, module, *a, **k))[1])
+    preset = json.loads((Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero3.json").read_text())
+    r = two_prompt_rollout(tiny.tokenizer)
+    n, t = r.responses.shape
+    gen = torch.Generator().manual_seed(0)
+    old_logprobs, advantages = -torch.rand(n, t, generator=gen) - 1.0, torch.randn(n, t, generator=gen)
+    old_values, returns = torch.randn(n, t, generator=gen), torch.randn(n, t, generator=gen)
+    cfg = SimpleNamespace(temperature=1.0, clip_range=0.2, entropy_coef=0.01)
+
+    def weights(models) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, engine in (("actor", models.actor), ("critic", models.critic)):
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                out.update({f"{name}.{k}": v.detach().clone() for k, v in engine.module.named_parameters()
+                            if v.requires_grad})
+        return out
+
+    trained = {}
+    for live in (1e9, 100):  # the whole model fits / not even one matrix fits
+        preset["zero_optimization"]["stage3_max_live_parameters"] = live
+        (tmp_path / str(live)).mkdir()
+        torch.manual_seed(0)  # the same LoRA adapters
+        models = in_process_models(tiny, tmp_path / str(live), deepspeed={"config": preset, "num_gpus": 1}, lora=lora)
+        assert fits_live_budget(models.actor) == fits_live_budget(models.critic) == (live == 1e9)
+        before, linear = weights(models), F.linear
+        fetched.clear()
+        for _ in range(2):
+            update.actor_update(models, r, old_logprobs, advantages, cfg)
+            update.critic_update(models, r, old_values, returns, clip_range_value=0.2)
+        assert bool(fetched) == (live == 100)  # per-module fetch only over the budget
+        assert F.linear is linear
+        for engine in (models.actor, models.critic):
+            assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in engine.module.parameters())
+            assert all(isinstance(m._parameters, ZeROOrderedDict) for m in engine.module.modules())
+        trained[live] = weights(models)
+        for side in ("actor.", "critic."):  # both models trained
+            assert any(not torch.equal(v, before[k]) for k, v in trained[live].items() if k.startswith(side))
+
+    assert trained[1e9].keys() == trained[100].keys()
+    for key in trained[1e9]:
+        torch.testing.assert_close(trained[1e9][key], trained[100][key], msg=key)
 
 
 def test_value_model_holds_its_classifier_once():

@@ -123,7 +123,9 @@ def _engine(model, ds: dict[str, Any], lr: float | None = None, weight_decay: fl
             scheduler: tuple[str, int, int] | None = None):
     import deepspeed
 
-    if ds_config.zero_stage(ds) == 3:
+    # Not with frozen weights inside the blocks (a LoRA actor): the first block's input then carries
+    # no gradient and DeepSpeed releases a leaf block's weights before its backward has used them.
+    if ds_config.zero_stage(ds) == 3 and all(p.requires_grad for p in model.parameters()):
         _fetch_whole_blocks(model)
 
     if lr is None:  # frozen: forward only

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.generation import gathered_module, position_ids_from_mask, response_mask, sample
+from pipeline.generation import position_ids_from_mask, response_mask, sample
+from pipeline.zero3 import gathered_module
 from stages.ppo import maths
 from stages.ppo.value_process import InProcess
 
