@@ -23,7 +23,8 @@ from typing import Iterator
 import torch
 
 
-def zero_stage(engine) -> int:
+def _engine_stage(engine) -> int:
+    """An engine's ZeRO stage (0 for a plain module); `ds_config.zero_stage` reads a config dict."""
     return engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
 
 
@@ -36,7 +37,7 @@ def gathered_module(engine) -> Iterator[torch.nn.Module]:
     takes DeepSpeed's per-module machinery off for the duration, then puts it back and re-partitions
     the weights. The weights are not modified inside (an optimizer step comes after the exit).
     """
-    if zero_stage(engine) != 3:
+    if _engine_stage(engine) != 3:
         yield engine.module
         return
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -66,7 +67,7 @@ def fits_live_budget(engine) -> bool:
 def gathered_for_update(engine) -> Iterator[None]:
     """Around one training forward + backward: the whole model gathered once when it fits the live
     budget (see the module docstring), else DeepSpeed's own per-module fetching. Step after the exit."""
-    if zero_stage(engine) == 3 and fits_live_budget(engine):
+    if _engine_stage(engine) == 3 and fits_live_budget(engine):
         with gathered_module(engine):
             yield
     else:
