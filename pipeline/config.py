@@ -261,11 +261,19 @@ class EvalSection:
     seed: int = doc(1234, "Sampling seed, the same for every policy.")
     max_new_tokens: int | None = doc(None, "Longest response; unset uses ppo.max_new_tokens.")
     temperature: float = doc(0.7, "Sampling temperature for every policy.")
+    plain_sampling: bool = doc(True, "Also sample at temperature 1.0; a policy that wins at only one "
+                                     "temperature is not reported as a win.")
     top_p: float = doc(1.0, "Nucleus sampling threshold.")
+    kl_budget: float | None = doc(10.0, "Largest KL to the reference, in nats per response, before reward "
+                                        "hacking is suspected; null: not checked.")
+    fluency_text: str | None = doc(None, "Human text of the eval domain (rows with `text`, `completion` or "
+                                         "`chosen`) for the fluency guard's bigram model; unset uses sft.data.eval.")
 
     def validate(self, p: str) -> None:
         check(self.num_prompts >= 1, f"{p}.num_prompts", "must be >= 1")
         check(self.temperature > 0, f"{p}.temperature", "must be > 0")
+        check(0 < self.top_p <= 1, f"{p}.top_p", "must be in (0, 1]")
+        check(self.kl_budget is None or self.kl_budget > 0, f"{p}.kl_budget", "must be > 0 (or null)")
 
 
 @dataclass
@@ -281,7 +289,9 @@ class MovieReviewsSection:
     sft_eval_examples: int = doc(200, "Held-out SFT examples.")
     reward_words: int | None = doc(None, "Words of each preference response (a longer stretch of the same "
                                          "continuation); unset uses continuation_words.")
-    reward_pairs: int = doc(3000, "Preference pairs for training.")
+    reward_pairs: int = doc(3000, "Review pairs (one positive, one negative) for reward training.")
+    reward_windows: int = doc(1, "Stretches of reward_words taken from each training pair of reviews, one after "
+                                 "the other (more labelled text from the same reviews); held-out pairs use the first.")
     reward_eval_pairs: int = doc(400, "Held-out preference pairs.")
     ppo_prompts: int = doc(2000, "PPO training prompts.")
     eval_prompts: int = doc(200, "Held-out prompts for the final evaluation.")

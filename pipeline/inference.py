@@ -84,7 +84,7 @@ def read_prompts(path: str) -> list[str]:
 
 def generate_file(checkpoint: str, prompts_path: str, out: str | None, sampling: Sampling, batch_size: int) -> int:
     """Write one JSONL row {prompt, response} per prompt to `out` (stdout when None); returns the count."""
-    from pipeline.evaluation import generate
+    from pipeline.evaluation.sampling import generate
 
     sampling.validate()
     if batch_size < 1:

@@ -1,7 +1,7 @@
 """Build and run the DeepSpeed launcher command for one stage.
 
 We never spawn ranks or set up networking ourselves: the command is DeepSpeed's own runner
-(`deepspeed --num_gpus N [--hostfile H --num_nodes M] --module pipeline.worker ...`), so the
+(`deepspeed --num_gpus N [--hostfile H --num_nodes M] --module stages.worker ...`), so the
 same stage scales from one CPU process to many GPU nodes, and Slurm users can call it too.
 """
 
@@ -39,7 +39,7 @@ def launcher_command(ds: DeepSpeedSection, run_dir: Path, stage: str, extra: lis
         cmd += ["--master_addr", ds.master_addr]
     cmd += ["--master_port", str(ds.master_port or free_port())]
     cmd += list(ds.launcher_args)
-    cmd += ["--module", "pipeline.worker", "--run-dir", str(run_dir), "--stage", stage]
+    cmd += ["--module", "stages.worker", "--run-dir", str(run_dir), "--stage", stage]
     return cmd + list(extra or [])
 
 

@@ -17,7 +17,7 @@ from pipeline.checkpoint import atomic_write_text, complete_checkpoints, read_js
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config, read_yaml
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import launcher_command, launcher_env, release_shm, run_launcher
-from pipeline.rundir import RunDir, RunLock, completed_final, stage_fingerprint, stage_inputs
+from pipeline.rundir import RunDir, RunLock, completed_final, load_run_config, stage_fingerprint, stage_inputs
 from pipeline.sharding import describe as describe_sharding
 
 
@@ -198,7 +198,10 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
             release_shm(int(cmd[cmd.index("--master_port") + 1]))
         if code != 0:
             raise StageFailed(stage, code, f"; log: {log}", cause=stage_error(log, offset))
-        done = completed_final(run_dir, stage) or {}
+        done = completed_final(run_dir, stage)
+        if done is None or done.get("config_hash") != fingerprint:  # exit 0 but nothing published
+            raise StageFailed(stage, code, f"; log: {log}",
+                              cause=f"the stage exited without publishing {run_dir.final_dir(stage)}")
         print(f"[{stage}] done in {time.time() - started:.0f}s: {fmt_metrics(done.get('metrics', {}))}", flush=True)
 
 
@@ -211,7 +214,7 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
         atomic_write_text(rd.config_path, config_to_yaml(cfg))
         run_stages(cfg, rd, selected)
         if cfg.eval.enabled and completed_final(rd, "sft"):
-            from pipeline.evaluate_run import evaluate_after_pipeline  # imports torch only when evaluating
+            from pipeline.evaluation.rundir import evaluate_after_pipeline  # imports torch only when evaluating
 
             evaluate_after_pipeline(rd, cfg)
     return rd
@@ -271,12 +274,6 @@ def status_lines(run_dir: RunDir) -> list[str]:
             if not manifest:
                 lines.append(f"  would resume from: {info['checkpoints'][-1]}")
     return lines
-
-
-def load_run_config(run_dir: RunDir) -> PipelineConfig:
-    if not run_dir.config_path.exists():
-        raise UserError(f"{run_dir.root}: no config.yaml; is this a run dir?")
-    return load_config(run_dir.config_path)
 
 
 __all__ = ["run_pipeline", "run_stages", "status_lines", "load_run_config", "read_json"]

@@ -32,7 +32,7 @@ LOSS_KEYS = {
 PPO_PANELS = (("ppo/reward_mean", "reward mean"), ("ppo/kl_to_ref", "KL to reference"),
               ("ppo/response_length", "response length (tokens)"))
 EVAL_COLUMNS = ("judge_mean", "judge_stderr", "reward_model_mean", "win_rate", "kl_to_reference", "mean_length",
-                "distinct_1", "distinct_2", "real_word_share")
+                "fluency_nll", "rep_2", "rep_3", "top_bigram_share", "real_word_share", "distinct_2")
 
 
 def read_metrics(path: Path) -> dict[str, Series]:
@@ -103,16 +103,22 @@ def plot_ppo(metrics: dict[str, Series], out: Path) -> bool:
 
 
 def plot_eval(results: dict[str, Any], out: Path) -> bool:
-    policies = results.get("policies") or {}
-    names = [n for n, s in policies.items() if isinstance(s.get("judge_mean"), (int, float))]
+    """Judge mean +- stderr per policy, one group of bars per sampling temperature."""
+    blocks = results.get("temperatures") or {}
+    names = list(next(iter(blocks.values()), {}).get("policies", {}))
     if not names:
         return False
     fig, (ax,) = _figure(integer_x=False)
-    means = [policies[n]["judge_mean"] for n in names]
-    errors = [policies[n].get("judge_stderr", 0.0) for n in names]
-    bars = ax.bar(names, means, yerr=errors, capsize=6, color="tab:blue")
-    ax.bar_label(bars, fmt="%.3f")
+    width = 0.8 / len(blocks)
+    for i, (t, block) in enumerate(blocks.items()):
+        xs = [j + i * width for j in range(len(names))]
+        means = [block["policies"][n]["judge_mean"] for n in names]
+        errors = [block["policies"][n].get("judge_stderr", 0.0) for n in names]
+        bars = ax.bar(xs, means, width, yerr=errors, capsize=4, label=f"T={t}")
+        ax.bar_label(bars, fmt="%.3f")
+    ax.set_xticks([j + width * (len(blocks) - 1) / 2 for j in range(len(names))], names)
     ax.axhline(0, color="black", linewidth=0.8)
+    ax.legend()
     ax.set(title=f"judge: {results.get('settings', {}).get('judge', '?')} (mean +- stderr)", ylabel="judge mean")
     fig.tight_layout()
     fig.savefig(out)
@@ -132,22 +138,34 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def eval_markdown(results: dict[str, Any]) -> str:
-    """The eval results as markdown: one row per policy, then win rates and guards against the baseline."""
-    rows = []
-    for name, s in results["policies"].items():
-        row = dict(s, win_rate=results.get("win_rates", {}).get(name, {}).get("win_rate", "-"))
-        rows.append([name] + [row.get(c, "-") for c in EVAL_COLUMNS])
-    parts = [markdown_table(["policy", *EVAL_COLUMNS], rows)]
+    """The eval results as markdown: per temperature one row per policy, win rates and failed guards against
+    the baseline; then the verdicts and a few responses of each policy side by side."""
     settings = results.get("settings", {})
-    for name, wr in results.get("win_rates", {}).items():
-        guards = results.get("guards", {}).get(name, {})
-        parts.append(f"- {name} vs {settings.get('baseline', 'baseline')}: wins {wr['wins']:.3f}, ties {wr['ties']:.3f}, "
-                     f"losses {wr['losses']:.3f}; guards: " + (", ".join(f"{k}={v}" for k, v in guards.items()) or "-"))
+    parts = []
+    for t, block in results["temperatures"].items():
+        rows = []
+        for name, s in block["policies"].items():
+            row = dict(s, win_rate=block["win_rates"].get(name, {}).get("win_rate", "-"))
+            rows.append([name] + [row.get(c, "-") for c in EVAL_COLUMNS])
+        parts += [f"### T={t}", markdown_table(["policy", *EVAL_COLUMNS], rows)]
+        for name, wr in block["win_rates"].items():
+            failed = [g for g, ok in block["guards"].get(name, {}).items() if not ok]
+            parts.append(f"- {name} vs {settings.get('baseline', 'baseline')}: wins {wr['wins']:.3f}, "
+                         f"ties {wr['ties']:.3f}, losses {wr['losses']:.3f}; guards failed: {', '.join(failed) or 'none'}")
+    parts += [f"**{v['line']}**" for v in results.get("verdicts", {}).values()]
     accuracy = (results.get("reward_model") or {}).get("eval_accuracy")
     if accuracy is not None:
         parts.append(f"- reward model held-out pair accuracy: {accuracy:.4f}")
     if settings:
         parts.append("- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    first = next(iter(results["temperatures"].items()), None)
+    if first:
+        t, block = first
+        names = list(block["samples"])
+        rows = [[block["samples"][names[0]][i]["prompt"]] + [block["samples"][n][i]["response"] for n in names]
+                for i in range(len(block["samples"][names[0]]))]
+        parts += [f"Responses at T={t} (the same prompts, picked by the eval seed):",
+                  markdown_table(["prompt", *names], [[str(c).replace("|", "/") for c in r] for r in rows])]
     return "\n\n".join(parts)
 
 
@@ -155,10 +173,10 @@ def find_eval_results(rd: RunDir) -> tuple[dict[str, Any] | None, str]:
     """(results, where they came from): `rlhf eval`'s results.json, else the PPO stage's own evaluation."""
     path = rd.root / "eval" / "results.json"
     results = read_json(path)
-    if isinstance(results, dict) and results.get("policies"):
+    if isinstance(results, dict) and results.get("temperatures"):
         return results, str(path)
     ppo = completed_final(rd, "ppo") or {}
-    if isinstance(ppo.get("evaluation"), dict) and ppo["evaluation"].get("policies"):
+    if isinstance(ppo.get("evaluation"), dict) and ppo["evaluation"].get("temperatures"):
         return ppo["evaluation"], f"{rd.final_dir('ppo')}/manifest.json"
     return None, ""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoint import read_manifest
-from pipeline.config import PipelineConfig, stable_hash
+from pipeline.config import PipelineConfig, load_config, stable_hash
 from pipeline.errors import UserError
 from pipeline.typed import to_dict
 
@@ -134,3 +134,10 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def load_run_config(run_dir: RunDir) -> PipelineConfig:
+    """The config a run dir was started with (its config.yaml)."""
+    if not run_dir.config_path.exists():
+        raise UserError(f"{run_dir.root}: no config.yaml; is this a run dir?")
+    return load_config(run_dir.config_path)

@@ -1,8 +1,9 @@
-"""The process the DeepSpeed launcher starts on every rank: run one stage of a run dir.
+"""What the process the DeepSpeed launcher starts on every rank does: run one stage of a run dir.
 
-    python -m deepspeed.launcher.runner ... --module pipeline.worker --run-dir RUN --stage sft
+    python -m deepspeed.launcher.runner ... --module stages.worker --run-dir RUN --stage sft
 
-It reads the resolved config the orchestrator wrote, finds the stage's inputs through the
+`stages/worker.py` is that module: it hands this one the stage's `run`, so the infrastructure
+here never imports a stage. It reads the resolved config the orchestrator wrote, finds the stage's inputs through the
 previous manifests, runs the stage, and (rank 0) publishes `final/` with its manifest.
 """
 
@@ -15,6 +16,7 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import Any, Callable
 
 from pipeline import models
 from pipeline.checkpoint import make_manifest, now, publish_dir, write_json
@@ -24,6 +26,9 @@ from pipeline.errors import UserError
 from pipeline.rundir import RunDir, semantic_stage_config, stage_fingerprint, stage_inputs
 from pipeline.tracking import make_tracker
 from pipeline.typed import to_dict
+
+# A stage's entry: `run(ctx) -> metrics` (stages/__init__.py).
+StageRun = Callable[[StageContext], dict[str, Any]]
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -43,9 +48,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None, force_resume: bool = False) -> None:
-    from stages import load_stage
-
+def run_stage(run_dir: RunDir, stage: str, stage_run: StageRun, resume_from: Path | None,
+              force_resume: bool = False) -> None:
     cfg = load_config(run_dir.config_path)
     models.TRUST_REMOTE_CODE = cfg.run.trust_remote_code
     inputs = stage_inputs(cfg, stage, run_dir)
@@ -69,7 +73,7 @@ def run_stage(run_dir: RunDir, stage: str, resume_from: Path | None, force_resum
         shutil.rmtree(ctx.staging_final)  # left by a crash; never a published checkpoint
     barrier()
 
-    metrics = load_stage(stage).run(ctx)
+    metrics = stage_run(ctx)
 
     barrier()
     if ctx.is_main:
@@ -122,8 +126,9 @@ def disk_full_message(run_dir: Path, stage: str, err: BaseException) -> str:
     return f"{stage}: {reason} writing {filename or stage_dir}: {needed}, {free / 2**20:.1f} MiB free{kept}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pipeline.worker")
+def main(argv: list[str] | None, stage_runs: Callable[[str], StageRun]) -> None:
+    """Parse the launcher's arguments and run the stage `stage_runs(name)` gives, exiting 2 on bad input."""
+    parser = argparse.ArgumentParser(prog="stages.worker")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--stage", required=True)
     parser.add_argument("--resume-from", default=None)
@@ -131,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=None)  # passed by the DeepSpeed launcher
     args = parser.parse_args(argv)
     try:
-        run_stage(RunDir(Path(args.run_dir)), args.stage, Path(args.resume_from) if args.resume_from else None,
-                  args.force_resume)
+        run_stage(RunDir(Path(args.run_dir)), args.stage, stage_runs(args.stage),
+                  Path(args.resume_from) if args.resume_from else None, args.force_resume)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         if os.environ.get("RLHF_DEBUG"):
@@ -145,7 +150,3 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("RLHF_DEBUG"):
             traceback.print_exc()
         sys.exit(UserError.exit_code)
-
-
-if __name__ == "__main__":
-    main()

@@ -258,7 +258,7 @@ def launch_here(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
     """Stand-in for pipeline.launch.run_launcher: the worker in this process, its output to the stage's log."""
     import torch.distributed as dist
 
-    from pipeline import worker
+    from stages import worker
     from pipeline.launch import free_port
 
     if not dist.is_initialized():

@@ -82,26 +82,100 @@ def eval_run(run_dir) -> subprocess.CompletedProcess:
     return rlhf("eval", str(run_dir))
 
 
-def test_eval_writes_results_for_sft_and_ppo(run_dir, eval_run):
+def test_eval_writes_results_for_sft_and_ppo_at_both_temperatures(run_dir, eval_run):
     assert eval_run.returncode == 0, eval_run.stderr
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    assert list(results["policies"]) == ["sft", "ppo"]
-    for name, s in results["policies"].items():
-        for key in ("judge_mean", "judge_stderr", "reward_model_mean", "distinct_1", "distinct_2", "real_word_share"):
-            assert isinstance(s[key], float), (name, key)
-        assert s["n"] == 4
-        assert s["path"] == str(run_dir / name / "final")
-    assert results["policies"]["sft"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # sft is the reference
-    wr = results["win_rates"]["ppo"]
-    assert wr["wins"] + wr["ties"] + wr["losses"] == pytest.approx(1.0)
-    assert "sft" not in results["win_rates"]
+    assert results["settings"]["temperatures"] == [0.7, 1.0]  # the configured one, then plain sampling
+    assert list(results["temperatures"]) == ["0.7", "1"]
+    for t, block in results["temperatures"].items():
+        assert list(block["policies"]) == ["sft", "ppo"]
+        for name, s in block["policies"].items():
+            for key in ("judge_mean", "judge_stderr", "reward_model_mean", "distinct_2", "real_word_share", "rep_2",
+                        "rep_3", "top_bigram_share", "kl_to_reference"):
+                assert isinstance(s[key], float), (t, name, key)
+            assert s["n"] == 4
+        assert block["policies"]["sft"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # sft is the reference
+        wr = block["win_rates"]["ppo"]
+        assert wr["wins"] + wr["ties"] + wr["losses"] == pytest.approx(1.0)
+        assert "sft" not in block["win_rates"]
+        assert {"rep_2_ok", "rep_3_ok", "top_bigram_share_ok", "kl_budget_ok"} <= set(block["guards"]["ppo"])
+    # no eval.fluency_text and no sft.data.eval: the fluency guard is not measured, and says so
+    assert "fluency_nll_ok" not in results["temperatures"]["0.7"]["guards"]["ppo"]
+    verdict = results["verdicts"]["ppo"]
+    assert verdict["line"] in eval_run.stdout and "not measured: fluency_nll" in verdict["line"]
+    assert results["paths"] == {name: str(run_dir / name / "final") for name in ("sft", "ppo")}
     assert results["reward_model"]["eval_accuracy"] == 0.75
     assert results["settings"]["baseline"] == "sft" and results["settings"]["n_prompts"] == 4
-    # the terminal table, and the tracker's metrics file even with tracking: none
-    assert "judge_mean" in eval_run.stdout and "ppo vs sft: wins" in eval_run.stdout
+    # the terminal table at each temperature, and the tracker's metrics file even with tracking: none
+    assert "T=0.7" in eval_run.stdout and "T=1" in eval_run.stdout and "ppo vs sft: wins" in eval_run.stdout
     logged = [json.loads(line) for line in (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["eval/ppo/judge_mean"] == results["policies"]["ppo"]["judge_mean"]
+    for t in ("0.7", "1"):
+        assert logged[-1][f"eval/T{t}/ppo/judge_mean"] == results["temperatures"][t]["policies"]["ppo"]["judge_mean"]
+    assert logged[-1]["eval/ppo/verdict"] == verdict["line"]
     assert logged[-1]["eval/reward_model/eval_accuracy"] == 0.75
+
+
+STUFFING = "the best the best great the best love the best the best great the best love the best"
+
+
+@pytest.fixture(scope="module")
+def hacked_run(run_dir, tmp_path_factory) -> Path:
+    """A run whose ppo policy stuffs keywords, as a policy trained against a reward that pays for one
+    phrase ends up writing: the sft model fine-tuned to answer every prompt with praise-word repeats."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.generation import encode_prompts
+
+    root = tmp_path_factory.mktemp("hacked") / "run"
+    shutil.copytree(run_dir, root, ignore=shutil.ignore_patterns("eval", "report"))
+    tok = AutoTokenizer.from_pretrained(root / "sft" / "final")
+    model = AutoModelForCausalLM.from_pretrained(root / "sft" / "final")
+    stuffed = tok(STUFFING, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p[-12:] + stuffed for p in encode_prompts(tok, PROMPTS, None)])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "ppo" / "final")  # its manifest stays: a complete ppo stage
+    config = root / "config.yaml"  # responses long enough to hold a few phrases
+    config.write_text(config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 24"))
+    return root
+
+
+def test_eval_flags_a_keyword_stuffing_policy(hacked_run):
+    result = rlhf("eval", str(hacked_run))
+    assert result.returncode == 0, result.stderr  # by default it only reports
+    results = json.loads((hacked_run / "eval" / "results.json").read_text())
+    verdict = results["verdicts"]["ppo"]
+    assert not verdict["win"] and {"rep_2", "top_bigram_share"} <= set(verdict["hacking_suspected"]), verdict
+    assert "ppo vs sft: reward hacking suspected: " in result.stdout and verdict["line"] in result.stdout
+    for block in results["temperatures"].values():
+        assert block["policies"]["ppo"]["top_bigram"] in ("the best", "best the", "best great", "great the")
+        assert block["policies"]["ppo"]["rep_2"] > block["policies"]["sft"]["rep_2"] + 0.05
+
+    strict = rlhf("eval", str(hacked_run), "--strict")
+    assert strict.returncode == 2, strict.stderr
+    last = strict.stderr.strip().splitlines()[-1]  # after the models' loading bars: one error line
+    assert last.startswith("error: --strict: reward hacking suspected: ppo: ") and "rep_2" in last, last
+    assert (hacked_run / "eval" / "results.json").exists()  # written before the refusal
+
+
+def test_eval_plain_sampling_off_samples_once(run_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "run"
+    shutil.copytree(run_dir, root)
+    config = root / "config.yaml"
+    config.write_text(config.read_text().replace("plain_sampling: true", "plain_sampling: false"))
+    result = rlhf("eval", str(root))
+    assert result.returncode == 0, result.stderr
+    assert list(json.loads((root / "eval" / "results.json").read_text())["temperatures"]) == ["0.7"]
 
 
 def test_eval_prompts_and_seed_flags_replace_the_config_for_one_evaluation(run_dir, tmp_path):
@@ -116,9 +190,10 @@ def test_eval_prompts_and_seed_flags_replace_the_config_for_one_evaluation(run_d
     assert result.returncode == 0, result.stderr
     results = json.loads((root / "eval" / "results.json").read_text())
     assert results["settings"]["prompts"] == str(other) and results["settings"]["seed"] == 99
-    assert results["settings"]["n_prompts"] == 2 and results["policies"]["ppo"]["n"] == 2
-    assert {s["prompt"] for s in results["samples"]["ppo"]} == {"Continue the review: Two hours of",
-                                                                "Continue the review: My kids loved"}
+    block = results["temperatures"]["0.7"]
+    assert results["settings"]["n_prompts"] == 2 and block["policies"]["ppo"]["n"] == 2
+    assert {s["prompt"] for s in block["samples"]["ppo"]} == {"Continue the review: Two hours of",
+                                                              "Continue the review: My kids loved"}
     assert "eval:" in (root / "config.yaml").read_text() and str(other) not in (root / "config.yaml").read_text()
 
     refused = rlhf("eval", str(root), "--prompts", "movie-reviews:no_such_split")
@@ -185,7 +260,8 @@ def test_report_writes_pngs_and_markdown(run_dir, eval_run):
     md = (report_dir / "report.md").read_text()
     for name in pngs:
         assert f"]({name})" in md
-    assert "| policy | judge_mean" in md and "| ppo |" in md
+    assert "| policy | judge_mean" in md and "| ppo |" in md and "### T=0.7" in md and "### T=1" in md
+    assert "**ppo vs sft:" in md and "| prompt | sft | ppo |" in md  # the verdict, and responses side by side
     assert "| eval_accuracy | 0.75 |" in md  # the reward stage's manifest metrics
     assert "pretrain: not run" in md  # a missing piece is a note, not a crash
 
@@ -201,17 +277,16 @@ def test_end_of_run_reuses_the_ppo_stage_evaluation_only_when_nothing_differs(ru
     sft and ppo checkpoints, with the same reward model, prompts and settings; anything else re-runs it."""
     import shutil
 
-    from pipeline.evaluate_run import ppo_stage_evaluation
-    from pipeline.evaluation import eval_settings
-    from pipeline.orchestrator import load_run_config
+    from pipeline.evaluation.evaluate import eval_settings
+    from pipeline.evaluation.rundir import ppo_stage_evaluation
+    from pipeline.rundir import load_run_config
     from pipeline.rundir import RunDir
 
     root = tmp_path / "run"
     shutil.copytree(run_dir, root)
     rd, cfg = RunDir(root), load_run_config(RunDir(root))
     stage_eval = json.loads((run_dir / "eval" / "results.json").read_text())
-    for name in ("sft", "ppo"):
-        stage_eval["policies"][name]["path"] = str(root / name / "final")
+    stage_eval["paths"] = {name: str(root / name / "final") for name in ("sft", "ppo")}
     manifest = json.loads((root / "ppo" / "final" / "manifest.json").read_text())
     manifest["inputs"] = {"actor": {"path": str(root / "sft" / "final"), "config_hash": "test"},
                           "reward_model": {"path": str(root / "reward" / "final"), "config_hash": "test"}}

@@ -28,7 +28,9 @@ from tests.conftest import destroy_process_group, kill_when
 ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
 EXPECTED_METRICS = ("reward_mean", "kl_to_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
                     "response_length", "eos_fraction")
-EXPECTED_EVAL = ("judge_mean_sft", "judge_mean_ppo", "judge_win_rate", "real_word_share_sft", "real_word_share_ppo")
+EXPECTED_EVAL = ("judge_mean_sft", "judge_mean_ppo", "judge_win_rate", "real_word_share_sft", "real_word_share_ppo",
+                 "rep_2_ppo", "top_bigram_share_ppo", "judge_win_rate_t1", "eval_win", "reward_hacking_suspected",
+                 "eval_verdict")
 PROMPT_CUT = 40  # ppo.max_prompt_length of the 1-rank run: cuts some of its prompts, not all
 RUN_TIMEOUT_S = 900  # generous: a loaded 2-core machine can be 5x slower than an idle one
 
@@ -289,7 +291,8 @@ def test_one_rank_trains_saves_and_evaluates(tiny, one_rank_run):
     for key in (*EXPECTED_METRICS, *EXPECTED_EVAL):
         assert key in metrics, f"manifest metrics lack {key}: {sorted(metrics)}"
     assert metrics["steps"] == 4
-    assert set(manifest["evaluation"]["policies"]) == {"sft", "ppo"}
+    assert list(manifest["evaluation"]["temperatures"]) == ["0.7", "1"]
+    assert all(set(b["policies"]) == {"sft", "ppo"} for b in manifest["evaluation"]["temperatures"].values())
 
     lines = (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]

@@ -17,29 +17,7 @@ from pipeline import ds_config
 from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.models import check_model_tokenizer, load_model
-
-
-class TokenValueModel(torch.nn.Module):
-    """A one-output sequence classifier read at every token: values [B, T]."""
-
-    def __init__(self, classifier: torch.nn.Module):
-        super().__init__()
-        self.classifier = classifier  # the only submodule: see `backbone`
-
-    # Read through the classifier rather than registered a second time as submodules: DeepSpeed's
-    # ZeRO-3 walks the module tree and would hook (and run the hooks of) every backbone module twice.
-    @property
-    def backbone(self) -> torch.nn.Module:
-        return getattr(self.classifier, self.classifier.base_model_prefix)
-
-    @property
-    def head(self) -> torch.nn.Module:
-        return self.classifier.score
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+from pipeline.scoring import TokenValueModel
 
 
 @contextlib.contextmanager

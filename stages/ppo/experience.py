@@ -9,19 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.generation import position_ids_from_mask, response_mask, sample
+from pipeline.generation import response_mask, sample
+from pipeline.scoring import (Rollout, last_token_scores, response_logits, response_values,  # noqa: F401 (re-exported)
+                             sequence_inputs)
 from pipeline.zero3 import gathered_module
 from stages.ppo import maths
 from stages.ppo.value_process import InProcess
-
-
-@dataclass
-class Rollout:
-    prompt_ids: torch.Tensor  # [B, P] left-padded prompt tokens
-    prompt_mask: torch.Tensor  # [B, P] 1 on real prompt tokens
-    responses: torch.Tensor  # [B, T] sampled tokens, pad after EOS
-    mask: torch.Tensor  # [B, T] float, 1.0 through the first EOS
-    ended: torch.Tensor  # [B] bool, response contains EOS
 
 
 @dataclass
@@ -36,37 +29,6 @@ class Experience:
     rewards: torch.Tensor  # [B, T] -kl_coef * kl, plus the score at the last real token
     advantages: torch.Tensor  # [B, T] GAE, whitened if configured
     returns: torch.Tensor  # [B, T] advantages + values (critic targets)
-
-
-def sequence_inputs(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """prompt + response as model inputs: ids, attention mask (padding off), positions. [B, P+T]"""
-    ids = torch.cat([r.prompt_ids, r.responses], 1)
-    attention = torch.cat([r.prompt_mask, r.mask.long()], 1)
-    return ids, attention, position_ids_from_mask(attention)
-
-
-def response_logits(model, r: Rollout) -> torch.Tensor:
-    """Logits predicting each response token: [B, T, V]."""
-    ids, attention, positions = sequence_inputs(r)
-    # only the last T+1 positions' logits are needed: skip the LM head over the prompt
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                   logits_to_keep=r.responses.shape[1] + 1).logits
-    return logits[:, :-1].float()
-
-
-def response_values(value_model, r: Rollout) -> torch.Tensor:
-    """Critic values of the state before each response token: [B, T]."""
-    ids, attention, positions = sequence_inputs(r)
-    width = r.prompt_ids.shape[1]
-    return value_model(ids, attention, positions)[:, width - 1 : -1]
-
-
-def last_token_scores(value_model, r: Rollout) -> torch.Tensor:
-    """Reward model output at the last real response token: [B]."""
-    ids, attention, positions = sequence_inputs(r)
-    last = r.prompt_ids.shape[1] + r.mask.sum(-1).long() - 1
-    values = value_model(ids, attention, positions)
-    return values.gather(1, last[:, None]).squeeze(1)
 
 
 def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) -> Rollout:

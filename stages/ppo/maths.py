@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.scoring import logprobs_from_logits  # noqa: F401 (shared with the evaluation)
+
 WHITEN_EPS = 1e-8
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -179,15 +181,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
-
-
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-probability [B, T] of `labels` [B, T] (int64) under `logits` [B, T, V].
-
-    `logits[:, t]` must already be the prediction for `labels[:, t]` (shift before calling).
-    """
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
 
 
 def missing_eos_penalty(scores: torch.Tensor, ended_with_eos: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -1,11 +1,8 @@
-"""`rlhf eval RUN_DIR`: judge a run's policies on held-out prompts, and the same at the end of `rlhf run`.
+"""`rlhf eval RUN_DIR` and the end of `rlhf run`: evaluate a run dir's policies and publish the results.
 
-The policies are the final checkpoints the run dir holds: sft (reference and baseline), ppo when
-it finished, and the pretrained model with --include-base. Every policy samples with the eval
-section's settings and seed; the judge is `eval.judge` and the run's reward model scores them
-too. Results go to RUN_DIR/eval/results.json, the terminal, and the tracker as a W&B run with
-job_type "eval". The generation and judging themselves live in pipeline.evaluation, shared with
-the PPO stage's end-of-stage evaluation.
+The policies are the final checkpoints the run dir holds: sft (reference and baseline), ppo when it
+finished, and the pretrained model with --include-base. Results go to RUN_DIR/eval/results.json, the
+terminal, and the tracker as a W&B run with job_type "eval".
 """
 
 from __future__ import annotations
@@ -13,14 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import judging, movie_reviews
+from pipeline import movie_reviews
 from pipeline.checkpoint import write_json
 from pipeline.config import PipelineConfig
 from pipeline.errors import UserError
-from pipeline.rundir import RunDir, RunLock, completed_final
+from pipeline.evaluation.evaluate import (BASELINE, eval_settings, evaluate_policies, format_table,
+                                          load_fluency_model, load_prompts)
+from pipeline.evaluation.judges import check_judge
+from pipeline.rundir import RunDir, RunLock, completed_final, load_run_config
 from pipeline.typed import to_dict
 
-BASELINE = "sft"
+
+class HackingSuspected(UserError):
+    """`rlhf eval --strict`: a guard fired."""
 
 
 def results_path(rd: RunDir) -> Path:
@@ -49,9 +51,7 @@ def find_policies(rd: RunDir, include_base: bool) -> dict[str, str]:
 def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None,
                      prompts_source: str | None = None) -> list[str] | None:
     """`prompts_source` (else eval.prompts, else ppo.data.eval), the first `num_prompts` (default
-    eval.num_prompts); None if no source is set."""
-    from pipeline.evaluation import eval_prompts
-
+    eval.num_prompts); None if no source is set. Both arguments are written into `cfg.eval`."""
     if num_prompts is not None:
         if num_prompts < 1:
             raise UserError(f"--num-prompts: must be >= 1 (got {num_prompts})")
@@ -62,46 +62,26 @@ def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None,
             raise UserError(f"--prompts: unknown split '{prompts_source}'; choices: "
                             + ", ".join(movie_reviews.PREFIX + s for s in movie_reviews.SPLITS))
         cfg.eval.prompts = prompts_source
-    source = cfg.eval.prompts or cfg.ppo.data.eval
-    if source and source.startswith(movie_reviews.PREFIX):
-        movie_reviews.prepare(cfg.movie_reviews, rd.data_dir / "movie-reviews")
-    return eval_prompts(cfg, rd.data_dir)
-
-
-def check_judge(spec: str) -> None:
-    """Reject a judge that cannot load before any model is, naming the setting."""
-    if spec != "vader" and ":" not in spec:
-        if not Path(spec).is_dir():
-            raise UserError(f"eval.judge: '{spec}' is not 'vader', a 'module:callable' or a reward-model dir")
-        return
-    try:
-        judging.load_judge(spec)
-    except ValueError as err:
-        raise UserError(f"eval.judge: {err}") from None
+    return load_prompts(cfg, rd.data_dir)
 
 
 def evaluate_run(rd: RunDir, cfg: PipelineConfig, prompts: list[str], policies: dict[str, str]) -> dict[str, Any]:
     """Generate from each policy, judge, compare with sft; write results.json, print and log them."""
     import torch
 
-    from pipeline.evaluation import eval_settings, evaluate_policies
-
     reward = completed_final(rd, "reward")
     print(f"[eval] {', '.join(policies)} on {len(prompts)} held-out prompts; judge: {cfg.eval.judge}", flush=True)
     results = evaluate_policies(
-        policies, reference=policies[BASELINE], prompts=prompts, settings=eval_settings(cfg, len(prompts), BASELINE),
-        reward_model=str(rd.final_dir("reward")) if reward else None,
+        policies, reference=policies[BASELINE], prompts=prompts, settings=eval_settings(cfg, len(prompts)),
+        fluency_lm=load_fluency_model(cfg, rd.data_dir), reward_model=str(rd.final_dir("reward")) if reward else None,
         device="cuda" if torch.cuda.is_available() else "cpu",
     )
-    for name, path in policies.items():
-        results["policies"][name]["path"] = path
+    results["paths"] = dict(policies)
     return publish(rd, cfg, results)
 
 
 def publish(rd: RunDir, cfg: PipelineConfig, results: dict[str, Any]) -> dict[str, Any]:
     """Add the reward model's held-out accuracy; write results.json, print the table, log to the tracker."""
-    from pipeline.evaluation import format_table
-
     reward = completed_final(rd, "reward")
     results["reward_model"] = reward and {
         "path": str(rd.final_dir("reward")),
@@ -119,30 +99,34 @@ def publish(rd: RunDir, cfg: PipelineConfig, results: dict[str, Any]) -> dict[st
 def ppo_stage_evaluation(rd: RunDir, cfg: PipelineConfig, n_prompts: int) -> dict[str, Any] | None:
     """The evaluation the ppo stage ran on its own final checkpoint, if it is exactly the one the end of
     `rlhf run` would run now: the same sft and ppo checkpoints, reward model, prompts and settings."""
-    from pipeline.evaluation import eval_settings
-
     ppo = completed_final(rd, "ppo")
     sft = completed_final(rd, "sft")
     results = (ppo or {}).get("evaluation")
     if not results or sft is None:
         return None
     inputs = ppo.get("inputs", {})
-    paths = {name: Path(policy.get("path", "")).resolve() for name, policy in results.get("policies", {}).items()}
+    paths = {name: Path(path).resolve() for name, path in results.get("paths", {}).items()}
     same_policies = paths == {"sft": rd.final_dir("sft").resolve(), "ppo": rd.final_dir("ppo").resolve()}
     same_inputs = (inputs.get("actor", {}).get("config_hash") == sft.get("config_hash")
                    and Path(inputs.get("reward_model", {}).get("path", "")).resolve() == rd.final_dir("reward").resolve())
-    if same_policies and same_inputs and results.get("settings") == eval_settings(cfg, n_prompts, BASELINE):
+    if same_policies and same_inputs and results.get("settings") == eval_settings(cfg, n_prompts):
         return results
     return None
 
 
-def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """`eval/<policy>/<metric>` for every number, win rates included, plus the reward model's accuracy."""
-    out = {}
-    for name, summary in results["policies"].items():
-        numbers = {**summary, **results["win_rates"].get(name, {})}
-        out.update({f"eval/{name}/{k}": v for k, v in numbers.items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """`eval/T<t>/<policy>/<metric>` for every number, win rates included; each policy's verdict;
+    the reward model's accuracy."""
+    out: dict[str, Any] = {}
+    for t, block in results["temperatures"].items():
+        for name, summary in block["policies"].items():
+            numbers = {**summary, **block["win_rates"].get(name, {})}
+            out.update({f"eval/T{t}/{name}/{k}": v for k, v in numbers.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    for name, v in results.get("verdicts", {}).items():
+        out[f"eval/{name}/win"] = int(v["win"])
+        out[f"eval/{name}/reward_hacking_suspected"] = ", ".join(v["hacking_suspected"]) or "none"
+        out[f"eval/{name}/verdict"] = v["line"]
     accuracy = (results.get("reward_model") or {}).get("eval_accuracy")
     if accuracy is not None:
         out["eval/reward_model/eval_accuracy"] = accuracy
@@ -158,24 +142,24 @@ def log_results(cfg: PipelineConfig, rd: RunDir, results: dict[str, Any]) -> Non
     (stage_dir / "wandb_run_id").unlink(missing_ok=True)
     tracker = make_tracker(cfg.tracking, rank=0, run_name=cfg.run.name, stage="eval", stage_dir=stage_dir,
                            config={"eval": to_dict(cfg.eval), "settings": results["settings"],
-                                   "policies": {n: s["path"] for n, s in results["policies"].items()}})
+                                   "policies": results.get("paths", {})})
     try:
         metrics = flat_metrics(results)
         tracker.log(metrics)
         tracker.summary(metrics)
-        rows = [[name, s["prompt"], s["response"], s["judge"]]
-                for name, samples in results["samples"].items() for s in samples]
-        tracker.log_table("eval/samples", ["policy", "prompt", "response", "judge"], rows)
+        rows = [[t, name, s["prompt"], s["response"], s["judge"]]
+                for t, block in results["temperatures"].items()
+                for name, samples in block["samples"].items() for s in samples]
+        tracker.log_table("eval/samples", ["temperature", "policy", "prompt", "response", "judge"], rows)
     finally:
         tracker.finish()
 
 
 def run_eval_command(run_dir: str, include_base: bool, num_prompts: int | None, prompts_source: str | None = None,
-                     seed: int | None = None) -> dict[str, Any]:
+                     seed: int | None = None, strict: bool = False) -> dict[str, Any]:
     """`rlhf eval`: the run's own config, under the run lock so no stage rewrites a checkpoint meanwhile.
-    `prompts_source` and `seed` replace eval.prompts and eval.seed for this evaluation only."""
-    from pipeline.orchestrator import load_run_config
-
+    `prompts_source` and `seed` replace eval.prompts and eval.seed for this evaluation only. With
+    `strict`, a fired guard raises `HackingSuspected` (exit 2) after the results are written."""
     rd = RunDir(Path(run_dir))
     if not rd.root.is_dir():
         raise UserError(f"{rd.root}: run dir not found")
@@ -188,7 +172,12 @@ def run_eval_command(run_dir: str, include_base: bool, num_prompts: int | None, 
         prompts = held_out_prompts(cfg, rd, num_prompts, prompts_source)
         if not prompts:
             raise UserError(f"{rd.config_path}: no held-out prompts; set eval.prompts or ppo.data.eval")
-        return evaluate_run(rd, cfg, prompts, policies)
+        results = evaluate_run(rd, cfg, prompts, policies)
+    hacked = {name: v["hacking_suspected"] for name, v in results["verdicts"].items() if v["hacking_suspected"]}
+    if strict and hacked:
+        raise HackingSuspected("--strict: reward hacking suspected: " + "; ".join(
+            f"{name}: {', '.join(gs)}" for name, gs in hacked.items()) + f" (see {results_path(rd)})")
+    return results
 
 
 def evaluate_after_pipeline(rd: RunDir, cfg: PipelineConfig) -> None:

@@ -1,0 +1,110 @@
+"""Judges and paired comparison: who scores each response, and how two policies compare.
+
+A judge maps (prompts, responses) to one score per response, higher is better. `vader` (the
+demo's, a sentiment lexicon no stage trains on), a Python `module:callable`, or a reward-model
+checkpoint that is not the one PPO optimised (a gold judge) scored by `RewardModelScorer`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+Judge = Callable[[list[str], list[str]], list[float]]
+
+# Scores closer than this count as a tie: judges round, and 1e-9 is far below any real difference.
+TIE_TOLERANCE = 1e-9
+
+
+@functools.cache
+def _vader() -> Any:
+    """The VADER analyzer, built once: construction reads the lexicon from disk."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def vader_judge(prompts: list[str], responses: list[str]) -> list[float]:
+    """VADER compound score in [-1, 1] of each response; the prompt is not scored."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"vader_judge: {len(prompts)} prompts but {len(responses)} responses")
+    # Response only: the prompt is the same for both policies and would only dilute the difference.
+    return [float(_vader().polarity_scores(r)["compound"]) for r in responses]
+
+
+def is_model_judge(spec: str) -> bool:
+    return spec != "vader" and ":" not in spec
+
+
+def load_judge(spec: str) -> Judge:
+    """'vader' gives vader_judge; 'module:callable' imports that callable. Anything else raises."""
+    if spec == "vader":
+        return vader_judge
+    if ":" not in spec:
+        raise ValueError(f"judge '{spec}': expected 'vader' or 'module:callable'")
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"judge '{spec}': expected 'module:callable' with both parts non-empty")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"judge '{spec}': cannot import module '{module_name}' ({exc})") from exc
+    judge = getattr(module, attr, None)
+    if judge is None:
+        raise ValueError(f"judge '{spec}': module '{module_name}' has no attribute '{attr}'")
+    if not callable(judge):
+        raise ValueError(f"judge '{spec}': '{attr}' is a {type(judge).__name__}, not callable")
+    return judge
+
+
+def check_judge(spec: str) -> None:
+    """Reject a judge that cannot load before any model is, naming the setting."""
+    if is_model_judge(spec):
+        if not Path(spec).is_dir():
+            raise UserError(f"eval.judge: '{spec}' is not 'vader', a 'module:callable' or a reward-model dir")
+        return
+    try:
+        load_judge(spec)
+    except ValueError as err:
+        raise UserError(f"eval.judge: {err}") from None
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> dict[str, float]:
+    """Pairwise comparison of a against b on the same prompts.
+
+    Returns wins, ties and losses as fractions of pairs (summing to 1), win_rate = wins / n
+    (a tie is not half a win; it is reported on its own) and n.
+    """
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"win_rate: {len(scores_a)} scores against {len(scores_b)}")
+    if not scores_a:
+        raise ValueError("win_rate: no scores to compare")
+    if not all(math.isfinite(s) for s in (*scores_a, *scores_b)):
+        raise ValueError("win_rate: scores must be finite (a NaN would silently count as a loss)")
+    wins = ties = 0
+    for a, b in zip(scores_a, scores_b):
+        if abs(a - b) <= TIE_TOLERANCE:
+            ties += 1
+        elif a > b:
+            wins += 1
+    n = len(scores_a)
+    return {"wins": wins / n, "ties": ties / n, "losses": (n - wins - ties) / n,
+            "win_rate": wins / n, "n": n}
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std, ddof=1, over sqrt(n)); stderr 0.0 when n < 2."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_and_stderr: no values")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
