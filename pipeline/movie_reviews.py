@@ -71,12 +71,15 @@ def load_reviews() -> list[Review]:
     return reviews
 
 
-def _opening(review: Review, cfg: MovieReviewsSection, words_after: int | None = None) -> tuple[str, str]:
-    """(instruction + the review's first words, the next `words_after` words: continuation_words by default)"""
+def _opening(review: Review, cfg: MovieReviewsSection, words_after: int | None = None,
+             window: int = 0) -> tuple[str, str]:
+    """(instruction + the review's first words, the next `words_after` words: continuation_words by default).
+    `window` k > 0 takes the k-th stretch of `words_after` words after those instead."""
     words = review.text.split()
     opening = " ".join(words[: cfg.prompt_words])
-    continuation = " ".join(words[cfg.prompt_words : cfg.prompt_words + (words_after or cfg.continuation_words)])
-    return f"{cfg.instruction} {opening}", continuation
+    length = words_after or cfg.continuation_words
+    start = cfg.prompt_words + window * length
+    return f"{cfg.instruction} {opening}", " ".join(words[start : start + length])
 
 
 SIZE_KEYS = {"ppo_eval": "eval_prompts", "ppo_train": "ppo_prompts", "reward_eval": "reward_eval_pairs",
@@ -107,13 +110,18 @@ def build_splits(cfg: MovieReviewsSection) -> dict[str, list[dict]]:
     def sft(rs: list[Review]) -> list[dict]:
         return [dict(zip(("prompt", "completion"), _opening(r, cfg))) for r in rs]
 
-    def pairs(n: int, what: str) -> list[dict]:
+    def pairs(n: int, what: str, windows: int = 1) -> list[dict]:
         rows = []
         pos, neg = _take(positive, n, what), _take(negative, n, what)
-        for i, (p, q) in enumerate(zip(pos, neg)):
-            (p_prompt, p_cont), (q_prompt, q_cont) = _opening(p, cfg, cfg.reward_words), _opening(q, cfg, cfg.reward_words)
-            prompt = p_prompt if i % 2 == 0 else q_prompt
-            rows.append({"prompt": prompt, "chosen": p_cont, "rejected": q_cont})
+        for window in range(windows):
+            for i, (p, q) in enumerate(zip(pos, neg)):
+                (p_prompt, p_cont), (q_prompt, q_cont) = (_opening(p, cfg, cfg.reward_words, window),
+                                                          _opening(q, cfg, cfg.reward_words, window))
+                # a later stretch counts only when both reviews still have at least half of it
+                if window and min(len(p_cont.split()), len(q_cont.split())) < (cfg.reward_words or cfg.continuation_words) // 2:
+                    continue
+                prompt = p_prompt if i % 2 == 0 else q_prompt
+                rows.append({"prompt": prompt, "chosen": p_cont, "rejected": q_cont})
         return rows
 
     def balanced(n: int, what: str) -> list[Review]:
@@ -125,7 +133,7 @@ def build_splits(cfg: MovieReviewsSection) -> dict[str, list[dict]]:
         "ppo_eval": prompts(balanced(cfg.eval_prompts, "ppo_eval")),
         "ppo_train": prompts(balanced(cfg.ppo_prompts, "ppo_train")),
         "reward_eval": pairs(cfg.reward_eval_pairs, "reward_eval"),
-        "reward_train": pairs(cfg.reward_pairs, "reward_train"),
+        "reward_train": pairs(cfg.reward_pairs, "reward_train", cfg.reward_windows),
         "sft_eval": sft(balanced(cfg.sft_eval_examples, "sft_eval")),
         "sft_train": sft(balanced(cfg.sft_examples, "sft_train")),
     }

@@ -124,6 +124,9 @@ def test_int_is_accepted_for_float():
         ("deepspeed.num_nodes=2", "deepspeed.hostfile"),
         ("pretrain.seq_len=512", "pretrain.seq_len"),
         ("movie_reviews.min_words=8", "movie_reviews.min_words"),
+        ("movie_reviews.reward_windows=0", "movie_reviews.reward_windows"),
+        ("eval.kl_budget=0", "eval.kl_budget"),
+        ("eval.top_p=1.5", "eval.top_p"),
     ],
 )
 def test_impossible_value_is_rejected_naming_the_key(override, key):
@@ -624,3 +627,21 @@ def test_splits_larger_than_the_data_name_the_key(reviews, monkeypatch):
     monkeypatch.setattr(movie_reviews, "load_reviews", lambda: list(reviews))
     with pytest.raises(ConfigError, match=r"^movie_reviews\.reward_pairs: asks for 50000 reviews .* only \d+ are left"):
         movie_reviews.build_splits(MovieReviewsSection(**{**SMALL.__dict__, "reward_pairs": 50000}))
+
+
+def test_reward_windows_add_later_stretches_of_the_same_training_reviews(splits, reviews, monkeypatch):
+    monkeypatch.setattr(movie_reviews, "load_reviews", lambda: list(reviews))  # skip re-reading the CSV
+    two = movie_reviews.build_splits(MovieReviewsSection(**{**SMALL.__dict__, "reward_windows": 2}))
+    first, later = two["reward_train"][:40], two["reward_train"][40:]
+    assert first == splits["reward_train"]  # the first stretch of each pair is unchanged
+    assert two["reward_eval"] == splits["reward_eval"]  # held-out pairs: first stretches only
+    assert 0 < len(later) <= 40
+    texts = {r.text for r in reviews}
+    first_by_prompt = {r["prompt"]: r for r in first}
+    for row in later:
+        # the words right after the first stretch, in the same positive (chosen) and negative (rejected) reviews
+        base = first_by_prompt[row["prompt"]]
+        for key in ("chosen", "rejected"):
+            assert len(row[key].split()) >= SMALL.continuation_words // 2
+            assert any(f"{base[key]} {row[key]}" in t for t in texts), (key, row)
+    assert not {r["chosen"] for r in later} & {r["chosen"] for r in first}
