@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.checkpoint import atomic_write_text, read_json
 from pipeline.config import STAGE_ORDER
 from pipeline.errors import UserError
+from pipeline.evaluation.guards import suspected
 from pipeline.rundir import RunDir, completed_final
 
 Series = list[tuple[int, float]]
@@ -149,7 +150,7 @@ def eval_markdown(results: dict[str, Any]) -> str:
             rows.append([name] + [row.get(c, "-") for c in EVAL_COLUMNS])
         parts += [f"### T={t}", markdown_table(["policy", *EVAL_COLUMNS], rows)]
         for name, wr in block["win_rates"].items():
-            failed = [g for g, ok in block["guards"].get(name, {}).items() if not ok]
+            failed = suspected(block["guards"].get(name, {}))
             parts.append(f"- {name} vs {settings.get('baseline', 'baseline')}: wins {wr['wins']:.3f}, "
                          f"ties {wr['ties']:.3f}, losses {wr['losses']:.3f}; guards failed: {', '.join(failed) or 'none'}")
     parts += [f"**{v['line']}**" for v in results.get("verdicts", {}).values()]

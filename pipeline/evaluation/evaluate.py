@@ -21,6 +21,7 @@ from pipeline.evaluation.judges import is_model_judge, load_judge, mean_and_stde
 
 BASELINE = "sft"
 PLAIN_TEMPERATURE = 1.0
+SIGNIFICANCE = 0.05  # a policy is ahead at a temperature only if its wins over losses are this unlikely by chance
 SAMPLES_KEPT = 10  # responses per policy and temperature kept in results.json, the same prompts for all
 FLUENCY_TEXT_FIELDS = ("text", "completion", "chosen")
 
@@ -144,12 +145,17 @@ def temperature_key(temperature: float) -> str:
     return f"{temperature:g}"
 
 
+def is_ahead(wr: dict[str, float]) -> bool:
+    """More wins than losses, and more than chance would give: one-sided sign test below SIGNIFICANCE."""
+    return wr["wins"] > wr["losses"] and wr["sign_test_p"] < SIGNIFICANCE
+
+
 def verdict(results: dict[str, Any], name: str) -> dict[str, Any]:
-    """Win only when ahead of the baseline (more wins than losses) at every temperature with no guard
+    """Win only when significantly ahead of the baseline (`is_ahead`) at every temperature with no guard
     fired; otherwise say which guards fired at which temperature, or where it was not ahead."""
     base = results["settings"]["baseline"]
     blocks = results["temperatures"]
-    ahead = [t for t, b in blocks.items() if b["win_rates"][name]["wins"] > b["win_rates"][name]["losses"]]
+    ahead = [t for t, b in blocks.items() if is_ahead(b["win_rates"][name])]
     fired: dict[str, list[str]] = {}
     for t, b in blocks.items():
         for guard in guards.suspected(b["guards"][name]):
@@ -162,10 +168,12 @@ def verdict(results: dict[str, Any], name: str) -> dict[str, Any]:
     elif len(ahead) == len(blocks):
         line = f"{name} vs {base}: win at " + " and ".join(
             f"T={t} ({b['win_rates'][name]['win_rate']:.3f})" for t, b in blocks.items()) + "; no guard fired"
-    elif ahead:
-        line = f"{name} vs {base}: no win: ahead at T={'/'.join(ahead)} only"
     else:
-        line = f"{name} vs {base}: no win: not ahead at any temperature"
+        behind = "; ".join(f"T={t}: wins {b['win_rates'][name]['wins']:.3f}, losses {b['win_rates'][name]['losses']:.3f}, "
+                           f"sign test p={b['win_rates'][name]['sign_test_p']:.2g}"
+                           for t, b in blocks.items() if t not in ahead)
+        where = f"ahead at T={'/'.join(ahead)} only" if ahead else "not ahead at any temperature"
+        line = f"{name} vs {base}: no win: {where} ({behind})"
     if unmeasured:
         line += f" (not measured: {', '.join(unmeasured)})"
     return {"win": not fired and len(ahead) == len(blocks), "hacking_suspected": list(fired), "ahead_at": ahead,
@@ -190,7 +198,8 @@ def format_table(results: dict[str, Any]) -> str:
         for name, wr in block["win_rates"].items():
             p, b = block["policies"][name], block["policies"][base]
             failed = guards.suspected(block["guards"][name])
-            lines.append(f"  {name} vs {base}: wins {wr['wins']:.3f}, ties {wr['ties']:.3f}, losses {wr['losses']:.3f}; "
+            lines.append(f"  {name} vs {base}: wins {wr['wins']:.3f}, ties {wr['ties']:.3f}, losses {wr['losses']:.3f} "
+                         f"(sign test p={wr['sign_test_p']:.2g}); "
                          f"top bigram \"{p['top_bigram']}\" {p['top_bigram_share']:.2f} ({base}: \"{b['top_bigram']}\" "
                          f"{b['top_bigram_share']:.2f}); guards failed: {', '.join(failed) or 'none'}")
     lines += [v["line"] for v in results.get("verdicts", {}).values()]
@@ -207,6 +216,7 @@ def headline(results: dict[str, Any], policy: str = "ppo") -> dict[str, Any]:
         p, b = block["policies"][policy], block["policies"][base]
         out[f"judge_win_rate{suffix}"] = block["win_rates"][policy]["win_rate"]
         out[f"judge_tie_rate{suffix}"] = block["win_rates"][policy]["ties"]
+        out[f"judge_sign_test_p{suffix}"] = block["win_rates"][policy]["sign_test_p"]
         out[f"eval_kl_to_reference{suffix}"] = p["kl_to_reference"]
         for key in ("judge_mean", "reward_model_mean", "mean_length", "fluency_nll", "rep_2", "rep_3",
                     "top_bigram_share", "real_word_share", "distinct_2"):

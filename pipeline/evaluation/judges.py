@@ -94,8 +94,18 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> dict[str, 
         elif a > b:
             wins += 1
     n = len(scores_a)
-    return {"wins": wins / n, "ties": ties / n, "losses": (n - wins - ties) / n,
-            "win_rate": wins / n, "n": n}
+    losses = n - wins - ties
+    return {"wins": wins / n, "ties": ties / n, "losses": losses / n,
+            "win_rate": wins / n, "n": n, "sign_test_p": sign_test_p(wins, losses)}
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """One-sided sign test: the chance of at least `wins` wins among the untied pairs if a win and a
+    loss were equally likely (exact binomial, p = 1/2). 1.0 when every pair is tied."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
