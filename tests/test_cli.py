@@ -25,6 +25,9 @@ from pipeline.config import config_to_yaml, load_config
 from pipeline.rundir import RunDir, stage_fingerprint, stage_inputs
 from tests.conftest import RLHF, ROOT, TINY
 
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
+
+
 MORE_STEPS = load_config(TINY).pretrain.max_steps + 1  # a semantic change for re-run tests
 
 

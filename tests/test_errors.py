@@ -78,6 +78,9 @@ from pipeline.checkpoint import complete_checkpoints
 from pipeline.config import TrackingSection, load_config
 from tests.conftest import RLHF, ROOT, TINY, destroy_process_group
 
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
+
+
 TIMEOUT_S = 900  # generous: a loaded 2-core machine runs a stage several times slower than an idle one
 SECRETS = {"WANDB_API_KEY": "wandb-key-must-not-leak-4711", "HF_TOKEN": "hf_token_must_not_leak_4712"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",

@@ -17,6 +17,9 @@ from pipeline.checkpoint import make_manifest, now, write_json
 from pipeline.config import ModelArch, build_config, config_to_yaml
 from pipeline.report import read_metrics
 
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
+
+
 ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
 PROMPTS = ["Continue the review: This movie was", "Continue the review: I expected more from",
            "Continue the review: The acting in this film", "Continue the review: Honestly the plot",

@@ -25,6 +25,9 @@ from pipeline.config import ModelArch
 from pipeline.generation import left_pad, position_ids_from_mask, response_mask, sample, sample_token
 from tests.conftest import destroy_process_group, kill_when
 
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
+
+
 ARCH = ModelArch(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
 EXPECTED_METRICS = ("reward_mean", "kl_to_ref", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
                     "response_length", "eos_fraction")

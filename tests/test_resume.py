@@ -39,6 +39,9 @@ import torch
 from pipeline.checkpoint import FAULT_ENV, complete_checkpoints
 from tests.conftest import RLHF, ROOT, TINY
 
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
+
+
 TIMEOUT_S = 900  # generous: a loaded 2-core machine runs a stage several times slower than an idle one
 ZERO3_TWO_RANKS = ("deepspeed.num_gpus=2", "deepspeed.config=zero3")
 # Wall-clock figures, and the Trainer's summary of one train() call (after a resume: of the resumed part only).

@@ -8,11 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import TINY
 from tests.test_resume import (ZERO3_TWO_RANKS, assert_same_result, crash_while_writing, kill_after_checkpoint,
                                pretrained, rewarded, run_ok)
+
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
 
 __all__ = ["pretrained", "rewarded"]  # module fixtures: this file builds its own pretrained and reward runs
 

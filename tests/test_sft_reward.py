@@ -23,6 +23,9 @@ from pipeline.config import LoraSection
 from pipeline.errors import DataError, UserError
 from tests.conftest import TINY, communicate
 
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
+
+
 ZERO3_TWO_RANKS = ("deepspeed.num_gpus=2", "deepspeed.config=zero3")
 
 

@@ -31,6 +31,9 @@ import torch
 
 from tests.conftest import TINY, communicate
 
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
+
+
 STAGES = ("pretrain", "sft", "reward", "ppo")
 WEIGHT_ATOL = 1e-5
 ONE_RANK_BATCH, TWO_RANK_BATCH = "batch_size=4", "batch_size=2"

@@ -25,6 +25,9 @@ from pipeline.tracking import scrub
 from tests.conftest import kill_when
 from tests.test_ppo_stage import RUN_TIMEOUT_S, cli_env, rlhf_command, tiny, write_config  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
+
+
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 SECRET = "secret-should-not-leak-123"
 WANDB = ("tracking.backend=wandb", "tracking.mode=offline")
