@@ -68,16 +68,6 @@ def read_json(path: str | Path) -> Any | None:
         return None
 
 
-def staging_dir(final: str | Path) -> Path:
-    """A fresh temporary sibling of `final` to write a checkpoint into before publishing it."""
-    final = Path(final)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
@@ -137,11 +127,6 @@ def read_manifest(ckpt_dir: str | Path) -> dict[str, Any] | None:
     recover_dir(ckpt_dir)
     data = read_json(Path(ckpt_dir) / MANIFEST)
     return data if isinstance(data, dict) else None
-
-
-def is_complete(ckpt_dir: str | Path) -> bool:
-    manifest = read_manifest(ckpt_dir)
-    return manifest is not None and manifest.get("status") == COMPLETE
 
 
 def make_manifest(

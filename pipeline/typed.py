@@ -121,11 +121,6 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
-def field_help(cls: type) -> dict[str, str]:
-    """The documented meaning of each field: `metadata={"help": ...}` on the dataclass field."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-
 def doc(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with a default and help text (mutable defaults get a factory)."""
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
