@@ -68,6 +68,10 @@ def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str
         path = entry and entry["path"]
         if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
             raise UserError(f"{INPUT_KEYS[stage][key]}: path not found: {path}")
+    if stage == "ppo" and cfg.eval.enabled:  # the stage ends by judging its policy
+        from pipeline.evaluation.judges import check_judge
+
+        check_judge(cfg.eval.judge, (inputs.get("reward_model") or {}).get("path"))
 
 
 # The config key that names each input of a stage (the keys of rundir.stage_inputs).

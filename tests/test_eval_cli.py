@@ -204,6 +204,55 @@ def test_eval_prompts_and_seed_flags_replace_the_config_for_one_evaluation(run_d
     assert "--prompts" in refused.stderr and "movie-reviews:heldout_prompts" in refused.stderr
 
 
+def _with_judge(run_dir: Path, tmp_path: Path, judge: Path) -> Path:
+    import shutil
+
+    root = tmp_path / "run"
+    if not root.exists():
+        shutil.copytree(run_dir, root, ignore=shutil.ignore_patterns("eval", "report"))
+    config = root / "config.yaml"
+    text = config.read_text()
+    config.write_text(text.replace("judge: vader", f"judge: {judge}") if "judge: vader" in text else text)
+    return root
+
+
+def test_the_reward_model_ppo_optimised_is_refused_as_its_own_judge(run_dir, tmp_path):
+    root = _with_judge(run_dir, tmp_path, tmp_path / "run" / "reward" / "final")
+    for judge in (root / "reward" / "final", tmp_path / "copy_of_the_reward_model"):
+        if judge.name.startswith("copy"):  # a copy elsewhere is the same model: refused too
+            import shutil
+
+            shutil.copytree(root / "reward" / "final", judge)
+            config = root / "config.yaml"
+            config.write_text(config.read_text().replace(f"judge: {root / 'reward' / 'final'}", f"judge: {judge}"))
+        result = rlhf("eval", str(root))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert result.stderr.startswith(f"error: eval.judge: {judge} is the reward model PPO optimised")
+        assert not (root / "eval" / "results.json").exists()
+
+
+def test_a_gold_reward_model_judges(run_dir, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from pipeline.models import build_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(run_dir / "sft" / "final"))
+    config = build_model(ARCH, tokenizer, seed=4).config
+    config.num_labels = 1
+    gold = tmp_path / "gold"
+    write_final(gold, LlamaForSequenceClassification(config), tokenizer, {})
+    root = _with_judge(run_dir, tmp_path, gold / "final")
+    result = rlhf("eval", str(root))
+    assert result.returncode == 0, result.stderr
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert results["settings"]["judge"] == str(gold / "final")
+    for block in results["temperatures"].values():
+        scores = [s["judge"] for s in block["samples"]["ppo"]]
+        assert all(isinstance(x, float) for x in scores) and len(set(scores)) > 1  # a model's scores, not VADER's 0.0s
+        assert block["policies"]["ppo"]["judge_mean"] != block["policies"]["ppo"]["reward_model_mean"]
+
+
 def test_eval_missing_run_dir_is_one_line_error(tmp_path):
     missing = tmp_path / "no-such-run"
     result = rlhf("eval", str(missing))

@@ -63,11 +63,25 @@ def load_judge(spec: str) -> Judge:
     return judge
 
 
-def check_judge(spec: str) -> None:
-    """Reject a judge that cannot load before any model is, naming the setting."""
+def _same_model(a: Path, b: Path) -> bool:
+    """The same checkpoint dir, or one holding byte-identical weights (a copy of it)."""
+    if a.resolve() == b.resolve():
+        return True
+    weights_a, weights_b = sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))
+    return (bool(weights_a) and [w.name for w in weights_a] == [w.name for w in weights_b]
+            and all(x.read_bytes() == y.read_bytes() for x, y in zip(weights_a, weights_b)))
+
+
+def check_judge(spec: str, optimised_reward_model: str | Path | None = None) -> None:
+    """Reject a judge that cannot load before any model is, naming the setting; and a reward-model judge
+    that is the reward model PPO optimised against (a policy is always "good" by its own reward)."""
     if is_model_judge(spec):
         if not Path(spec).is_dir():
             raise UserError(f"eval.judge: '{spec}' is not 'vader', a 'module:callable' or a reward-model dir")
+        if optimised_reward_model and Path(optimised_reward_model).is_dir() and _same_model(
+                Path(spec), Path(optimised_reward_model)):
+            raise UserError(f"eval.judge: {spec} is the reward model PPO optimised ({optimised_reward_model}); "
+                            "a judge must be independent of it: vader, another (gold) reward model, or module:callable")
         return
     try:
         load_judge(spec)

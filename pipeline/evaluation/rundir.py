@@ -25,6 +25,11 @@ class HackingSuspected(UserError):
     """`rlhf eval --strict`: a guard fired."""
 
 
+def optimised_reward_model(cfg: PipelineConfig, rd: RunDir) -> str:
+    """The reward model the run's PPO optimised: ppo.reward_model, else the reward stage's final."""
+    return cfg.ppo.reward_model or str(rd.final_dir("reward"))
+
+
 def results_path(rd: RunDir) -> Path:
     return rd.root / "eval" / "results.json"
 
@@ -166,7 +171,7 @@ def run_eval_command(run_dir: str, include_base: bool, num_prompts: int | None, 
     cfg = load_run_config(rd)
     with RunLock(rd):
         policies = find_policies(rd, include_base)
-        check_judge(cfg.eval.judge)
+        check_judge(cfg.eval.judge, optimised_reward_model(cfg, rd))
         if seed is not None:
             cfg.eval.seed = seed
         prompts = held_out_prompts(cfg, rd, num_prompts, prompts_source)
@@ -186,7 +191,7 @@ def evaluate_after_pipeline(rd: RunDir, cfg: PipelineConfig) -> None:
     if not prompts:
         print("[eval] skipped: no held-out prompts (set eval.prompts or ppo.data.eval)", flush=True)
         return
-    check_judge(cfg.eval.judge)
+    check_judge(cfg.eval.judge, optimised_reward_model(cfg, rd))
     reused = ppo_stage_evaluation(rd, cfg, len(prompts))
     if reused is not None:
         # The same policies, prompts, seeds and settings give the same numbers: do not generate twice.
