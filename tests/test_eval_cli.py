@@ -204,32 +204,31 @@ def test_eval_prompts_and_seed_flags_replace_the_config_for_one_evaluation(run_d
     assert "--prompts" in refused.stderr and "movie-reviews:heldout_prompts" in refused.stderr
 
 
-def _with_judge(run_dir: Path, tmp_path: Path, judge: Path) -> Path:
+def _with_judge(run_dir: Path, root: Path, judge: Path) -> Path:
+    """A copy of the run dir (no evaluation yet) whose config names `judge` as eval.judge."""
     import shutil
 
-    root = tmp_path / "run"
-    if not root.exists():
-        shutil.copytree(run_dir, root, ignore=shutil.ignore_patterns("eval", "report"))
+    shutil.copytree(run_dir, root, ignore=shutil.ignore_patterns("eval", "report"))
     config = root / "config.yaml"
-    text = config.read_text()
-    config.write_text(text.replace("judge: vader", f"judge: {judge}") if "judge: vader" in text else text)
+    assert "judge: vader" in config.read_text()
+    config.write_text(config.read_text().replace("judge: vader", f"judge: {judge}"))
     return root
 
 
-def test_the_reward_model_ppo_optimised_is_refused_as_its_own_judge(run_dir, tmp_path):
-    root = _with_judge(run_dir, tmp_path, tmp_path / "run" / "reward" / "final")
-    for judge in (root / "reward" / "final", tmp_path / "copy_of_the_reward_model"):
-        if judge.name.startswith("copy"):  # a copy elsewhere is the same model: refused too
-            import shutil
+@pytest.mark.parametrize("where", ["the run's reward final", "a copy elsewhere"])
+def test_the_reward_model_ppo_optimised_is_refused_as_its_own_judge(run_dir, tmp_path, where):
+    import shutil
 
-            shutil.copytree(root / "reward" / "final", judge)
-            config = root / "config.yaml"
-            config.write_text(config.read_text().replace(f"judge: {root / 'reward' / 'final'}", f"judge: {judge}"))
-        result = rlhf("eval", str(root))
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.strip().count("\n") == 0, result.stderr
-        assert result.stderr.startswith(f"error: eval.judge: {judge} is the reward model PPO optimised")
-        assert not (root / "eval" / "results.json").exists()
+    judge = tmp_path / "run" / "reward" / "final"
+    if where == "a copy elsewhere":  # the same weights under another path are the same model
+        judge = tmp_path / "copy_of_the_reward_model"
+        shutil.copytree(run_dir / "reward" / "final", judge)
+    root = _with_judge(run_dir, tmp_path / "run", judge)
+    result = rlhf("eval", str(root))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith(f"error: eval.judge: {judge} is the reward model PPO optimised")
+    assert not (root / "eval" / "results.json").exists()
 
 
 def test_a_gold_reward_model_judges(run_dir, tmp_path):
@@ -242,7 +241,7 @@ def test_a_gold_reward_model_judges(run_dir, tmp_path):
     config.num_labels = 1
     gold = tmp_path / "gold"
     write_final(gold, LlamaForSequenceClassification(config), tokenizer, {})
-    root = _with_judge(run_dir, tmp_path, gold / "final")
+    root = _with_judge(run_dir, tmp_path / "run", gold / "final")
     result = rlhf("eval", str(root))
     assert result.returncode == 0, result.stderr
     results = json.loads((root / "eval" / "results.json").read_text())
