@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluation.evaluate import (eval_settings, evaluate_policies, format_table,  # noqa: E402
                                           load_fluency_model, load_prompts)
+from pipeline.evaluation.guards import suspected  # noqa: E402
 
 
 def plot(results: dict, out: Path) -> None:
@@ -40,7 +41,7 @@ def plot(results: dict, out: Path) -> None:
             for name, wr in block["win_rates"].items():
                 p = block["policies"][name]
                 x = p[key] / base[key] if key == "fluency_nll" else p[key]
-                hacked = bool([g for g, ok in block["guards"][name].items() if not ok])
+                hacked = bool(suspected(block["guards"][name]))
                 ax.scatter([x], [wr["win_rate"]], color="tab:red" if hacked else "tab:green")
                 ax.annotate(name, (x, wr["win_rate"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
             ax.axhline(0.75, color="gray", linestyle="--", linewidth=0.8)

@@ -124,8 +124,10 @@ def evaluate_policies(policies: dict[str, str], *, reference: str, prompts: list
             lengths = [int(m.sum()) for r in batches for m in r.mask]
             judged[name] = [float(x) for x in judge(prompts, texts)]
             summary = policy_summary(texts, judged[name], lengths, fluency_lm)
-            kl = response_logprob_sums(model, batches, temperature) - response_logprob_sums(ref_model, batches, temperature)
-            summary["kl_to_reference"] = float(kl.mean())
+            # the reference itself is 0 by definition: do not run the same forwards twice to subtract them
+            summary["kl_to_reference"] = 0.0 if model is ref_model else float(
+                (response_logprob_sums(model, batches, temperature)
+                 - response_logprob_sums(ref_model, batches, temperature)).mean())
             if reward_scorer is not None:
                 summary["reward_model_mean"] = mean_and_stderr(reward_scorer(prompts, texts))[0]
             block["policies"][name] = summary
