@@ -45,6 +45,10 @@ class DeepSpeedSection:
     master_addr: str | None = doc(None, "Rendezvous address for multi-node launch.")
     master_port: int | None = doc(None, "Rendezvous port; a free port is chosen when unset.")
     launcher_args: list[str] = doc([], "Extra arguments passed to the deepspeed launcher unchanged.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
+        "auto", "Training precision of every engine (a stage may set its own in <stage>.deepspeed): auto = bf16 "
+                "where the device supports it, else fp32. Weights load in fp32 whatever dtype they are stored in; "
+                "DeepSpeed keeps fp32 master weights under bf16/fp16.")
 
     def validate(self, p: str) -> None:
         check(self.num_gpus >= 1, f"{p}.num_gpus", f"must be >= 1 (got {self.num_gpus})")
@@ -80,6 +84,9 @@ class DataSection:
     split: str = doc("train", "Split of a hub dataset to train on.")
     eval_split: str = doc("test", "Split of a hub dataset to evaluate on.")
     columns: dict[str, str] = doc({}, "Map from the stage's field names to the dataset's, e.g. {prompt: question}.")
+    format: str = doc("auto", "Row format (pipeline/schemas.py): auto recognises it from the fields; or name one: "
+                              "sft messages|prompt_completion|text, reward preference|conversations|hh, "
+                              "ppo prompt|messages.")
     max_samples: int | None = doc(None, "Use at most this many training rows.")
 
     def validate(self, p: str) -> None:
@@ -318,6 +325,12 @@ class PipelineConfig:
     eval: EvalSection = doc(EvalSection(), "Final evaluation.")
 
     def validate(self, p: str) -> None:
+        from pipeline.schemas import FORMATS
+
+        for name in STAGE_ORDER:
+            allowed = ("auto", *FORMATS[name])
+            fmt = self.stage(name).data.format
+            check(fmt in allowed, f"{name}.data.format", f"must be one of {', '.join(allowed)} (got '{fmt}')")
         for name in STAGE_ORDER:
             ds = self.stage_deepspeed(name)  # also rejects bad per-stage overrides
             if not self.stage(name).enabled:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from pipeline.config import DataSection
 from pipeline.errors import DataError
-from pipeline import movie_reviews
+from pipeline import movie_reviews, schemas
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -86,14 +87,37 @@ def _bad_json_line(path: Path) -> str | None:
     return None
 
 
+def load_folder(path: Path, split: str, what: str):
+    """A folder written by `save_to_disk` (one dataset, or a DatasetDict whose `split` is taken), or a folder
+    of data files laid out like a hub dataset's repository (e.g. a local copy: data/train-*.parquet)."""
+    import datasets
+
+    try:
+        if (path / "dataset_dict.json").exists():
+            saved = datasets.load_from_disk(str(path))
+            if split not in saved:
+                raise DataError(f"{what}: {path}: no split '{split}' (splits: {', '.join(saved)})")
+            return saved[split]
+        if (path / "state.json").exists():
+            return datasets.load_from_disk(str(path))
+        return datasets.load_dataset(str(path), split=split)
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises several types for a folder it cannot read
+        raise DataError(f"{what}: {path}: cannot be read as a dataset folder, split '{split}' "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
 def load_dataset_any(source: str, split: str, what: str):
-    """A `datasets.Dataset` from a local JSONL/JSON/parquet/CSV file or a hub dataset name."""
+    """A `datasets.Dataset` from a local JSONL/JSON/parquet/CSV file, a dataset folder, or a hub dataset name."""
     import datasets
 
     if is_local_source(source):
         path = Path(source).expanduser()
         if not path.exists():
             raise DataError(f"{what}: data file not found: {path}")
+        if path.is_dir():
+            return load_folder(path, split, what)
         fmt = LOCAL_FORMATS.get(path.suffix)
         if fmt is None:
             raise DataError(f"{what}: {path}: unsupported format; use one of {', '.join(LOCAL_FORMATS)}")
@@ -152,7 +176,7 @@ def load_rows(
     data: DataSection,
     *,
     split: str,
-    fields: list[str],
+    fields: list[str] | None,
     data_dir: Path,
     what: str,
     optional_fields: tuple[str, ...] = (),
@@ -160,7 +184,8 @@ def load_rows(
     """Load the `train` or `eval` source of a stage's data section, renamed and checked.
 
     `fields` are the stage's own names (prompt, completion, ...); `data.columns` maps them to the
-    dataset's names. Returns None when `eval` is requested but not configured.
+    dataset's names; None keeps every column and checks only that there are rows. Returns None when
+    `eval` is requested but not configured.
     """
     source = data.train if split == "train" else data.eval
     if source is None:
@@ -174,6 +199,40 @@ def load_rows(
         ds = ds.rename_columns(renames)
     if split == "train" and data.max_samples is not None:
         ds = ds.select(range(min(data.max_samples, len(ds))))
-    validate_rows(ds, fields, path)
+    validate_rows(ds, fields or [], path)
+    if fields is None:
+        return ds
     keep = [c for c in ds.column_names if c in fields or c in optional_fields]
     return ds.select_columns(keep)
+
+
+@dataclass
+class StageRows:
+    """A stage's rows in the form `pipeline.schemas` gives them, the format they had, and where they came from."""
+
+    rows: Any  # datasets.Dataset
+    format: str
+    source: str
+
+
+def load_stage_rows(data: DataSection, stage: str, *, split: str, data_dir: Path, what: str) -> StageRows | None:
+    """The `train` or `eval` rows of a stage in any format it accepts (see pipeline/schemas.py), every row
+    checked; None when `eval` is requested but not configured."""
+    import datasets
+
+    ds = load_rows(data, split=split, fields=None, data_dir=data_dir, what=what)
+    if ds is None:
+        return None
+    where = resolve_source(data.train if split == "train" else data.eval, data_dir)
+    first = ds[0]
+    fmt = schemas.detect(stage, first) if data.format == "auto" else data.format
+    if fmt is None:
+        raise DataError(f"{where}: row 1: no {stage} format fits the fields ({', '.join(ds.column_names)}); "
+                        f"expected {schemas.EXPECTED[stage]} (rename with {what}.data.columns)")
+    keep = schemas.columns_of(stage, fmt, first)
+    missing = [c for c in keep if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{where}: row 1: field '{missing[0]}' is missing (format '{fmt}'; columns: "
+                        f"{', '.join(ds.column_names)})")
+    rows = schemas.normalise(stage, fmt, ds.select_columns(keep), where)
+    return StageRows(datasets.Dataset.from_list(rows), fmt, where)

@@ -43,6 +43,21 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def apply_precision(ds: dict[str, Any], precision: str) -> None:
+    """Set `bf16.enabled` and `fp16.enabled`: both from `precision` unless it is `auto`; under `auto` the
+    preset's own true/false stand and its "auto" means bf16 where supported (fp32 on CPU)."""
+    bf16, fp16 = ds.setdefault("bf16", {}), ds.setdefault("fp16", {})
+    if precision == "auto":
+        if bf16.get("enabled", "auto") == "auto":
+            bf16["enabled"] = bf16_supported() and fp16.get("enabled") is not True
+        if fp16.get("enabled", False) == "auto":
+            fp16["enabled"] = False
+    else:
+        bf16["enabled"], fp16["enabled"] = precision == "bf16", precision == "fp16"
+    if not fp16:
+        del ds["fp16"]
+
+
 def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
@@ -55,8 +70,10 @@ def resolve(
     world_size: int,
     max_grad_norm: float | None,
     key: str = "deepspeed.config",
+    precision: str = "auto",
 ) -> dict[str, Any]:
-    """A complete DeepSpeed config dict with no "auto" left in the fields we own."""
+    """A complete DeepSpeed config dict with no "auto" left in the fields we own; `precision` (see
+    DeepSpeedSection.precision) sets bf16/fp16, overriding the preset, unless it is `auto`."""
     ds = load_preset(spec, key)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = grad_accum
@@ -66,11 +83,7 @@ def resolve(
             ds.pop("gradient_clipping", None)
         else:
             ds["gradient_clipping"] = max_grad_norm
-    bf16 = ds.setdefault("bf16", {})
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = bf16_supported()  # fp32 on CPU
-    if ds.get("fp16", {}).get("enabled") == "auto":
-        ds["fp16"]["enabled"] = False
+    apply_precision(ds, precision)
     stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(key, f"zero_optimization.stage must be 0-3 (got {stage})")
@@ -92,5 +105,6 @@ def inference_config(train_ds: dict[str, Any], micro_batch: int, world_size: int
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
         "bf16": {"enabled": train_ds.get("bf16", {}).get("enabled", False)},
+        "fp16": {"enabled": train_ds.get("fp16", {}).get("enabled", False)},
         "steps_per_print": 1000000,
     }

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.chat import render_prompt
+from pipeline.schemas import Prompt
+
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists -> (ids [B, P], mask [B, P]) padded on the left, so every prompt ends at column P-1."""
@@ -24,16 +27,11 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str
     return ids.to(device), mask.to(device)
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_len: int | None) -> list[list[int]]:
-    """Prompt ids formatted as a user turn with the chat template (when the tokenizer has one).
-
-    Keeps the last `max_len` tokens (all with None), so the generation prompt that ends the template survives.
-    """
-    if tokenizer.chat_template:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
-    else:
-        texts = prompts
+def encode_prompts(tokenizer, prompts: list[Prompt], max_len: int | None) -> list[list[int]]:
+    """Prompt ids: a string as one user turn, a list of turns as they are, through the chat template (when the
+    tokenizer has one). Keeps the last `max_len` tokens (all with None), so the generation prompt that ends
+    the template survives."""
+    texts = [render_prompt(tokenizer, p) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return ids if max_len is None else [x[-max_len:] for x in ids]
 

@@ -30,6 +30,7 @@ def deepspeed_dict(ctx: StageContext, section: TrainLoop) -> dict[str, Any]:
         world_size=ctx.world_size,
         max_grad_norm=section.max_grad_norm,
         key=f"{ctx.name}.deepspeed.config",
+        precision=ctx.deepspeed.precision,
     )
 
 
@@ -65,6 +66,7 @@ def training_kwargs(ctx: StageContext, section: TrainLoop) -> dict[str, Any]:
         report_to=[] if isinstance(ctx.tracker, NullTracker) else ["wandb"],
         deepspeed=ds,
         bf16=bool(ds["bf16"]["enabled"]),
+        fp16=bool(ds.get("fp16", {}).get("enabled", False)),
         use_cpu=ctx.device == "cpu",
         ddp_backend="gloo" if ctx.device == "cpu" else None,
         dataloader_num_workers=0,

@@ -94,19 +94,38 @@ def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool |
                                             else trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{what}: cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    return tok
+    return ensure_pad_token(tok)
+
+
+def ensure_pad_token(tokenizer):
+    """Give a tokenizer without a pad token (Llama-3, Mistral, GPT-2 ship none) one of its own tokens as pad:
+    unk when it has one, else eos. No token is added, so the embeddings keep their size; padding is masked
+    by the attention mask everywhere, so which id fills it never reaches the loss."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise UserError(f"tokenizer ({tokenizer.name_or_path}) has neither a pad, unk nor eos token; set a pad token "
+                        "and save it")
+    return tokenizer
 
 
 def load_model(path: str, kind: str = "causal_lm", what: str = "model", trust_remote_code: bool | None = None,
-               **kwargs):
-    """Load a causal LM or a one-output sequence classifier from safetensors weights only."""
+               dtype=None, **kwargs):
+    """Load a causal LM or a one-output sequence classifier from safetensors weights only.
+
+    Weights load in fp32 (`dtype` None) whatever dtype the checkpoint stores (Qwen2.5 ships bf16): the
+    training engines keep fp32 master weights and cast to the run's precision themselves, and a new head
+    or LoRA adapter then has the same dtype as the body it sits on.
+    """
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     src = _local_or_hub(path, what)
     try:
         trust = TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code
-        model = cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust, **kwargs)
+        model = cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust, dtype=dtype or torch.float32,
+                                    **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"{what}: cannot load model from {path}: {str(err).splitlines()[0]}") from None
     return fuse_tanh_gelu(model)
@@ -133,6 +152,3 @@ def check_model_tokenizer(model, tokenizer, what: str) -> None:
     if len(tokenizer) > n_embed:
         raise UserError(f"{what}: tokenizer has {len(tokenizer)} tokens but the model ({model.name_or_path}) embeds "
                         f"only {n_embed}; resize the embeddings or use the model's own tokenizer")
-    if tokenizer.pad_token is None:
-        raise UserError(f"{what}: tokenizer ({tokenizer.name_or_path}) has no pad token; set one "
-                        "(e.g. tokenizer.pad_token = eos) and save it")

@@ -40,6 +40,10 @@ class TokenValueModel(torch.nn.Module):
         return getattr(self.classifier, self.classifier.base_model_prefix)
 
     @property
+    def pad_token_id(self) -> int | None:
+        return self.classifier.config.pad_token_id
+
+    @property
     def head(self) -> torch.nn.Module:
         return self.classifier.score
 
@@ -81,9 +85,18 @@ def response_values(value_model, r: Rollout) -> torch.Tensor:
     return value_model(ids, attention, positions)[:, width - 1 : -1]
 
 
-def last_token_scores(value_model, r: Rollout) -> torch.Tensor:
-    """Reward model output at the last real response token: [B]."""
+def pooled_positions(ids: torch.Tensor, attention: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Where a sequence classifier reads each row [B]: the last real token whose id is not the pad id, as
+    transformers' classifiers pool (and so where the reward trainer learned). When a tokenizer's pad token
+    is its EOS (Llama-3, GPT-2 ship no pad), that is the token before the final EOS."""
+    readable = attention.bool() if pad_id is None else attention.bool() & (ids != pad_id)
+    columns = torch.arange(ids.shape[1], device=ids.device)
+    return (columns * readable).argmax(-1)
+
+
+def last_token_scores(value_model: TokenValueModel, r: Rollout) -> torch.Tensor:
+    """Reward model output at the position the reward trainer pooled (pooled_positions): [B]."""
     ids, attention, positions = sequence_inputs(r)
-    last = r.prompt_ids.shape[1] + r.mask.sum(-1).long() - 1
+    last = pooled_positions(ids, attention, value_model.pad_token_id)
     values = value_model(ids, attention, positions)
     return values.gather(1, last[:, None]).squeeze(1)

@@ -1,7 +1,7 @@
 """Reward modelling: learn a scalar score that ranks the chosen response above the rejected one.
 
-1. data: `chosen` + `rejected` (+ optional `prompt`), plain strings or chat turns, checked before
-   anything else is loaded
+1. data: `chosen` + `rejected` (+ optional `prompt`) as strings or chat turns, whole conversations, or
+   Anthropic HH text (pipeline/schemas.py), checked before anything else is loaded
 2. tokenizer from the input checkpoint; the reward arguments before the model (ZeRO-3 zero.Init)
 3. model: the input causal LM as a one-output sequence classifier (a new `score` head); LoRA if set
 4. plain rows with a prompt become chat turns when the tokenizer has a chat template; identical
@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import StageContext
-from pipeline.data import load_rows
+from pipeline.data import StageRows, load_stage_rows
 from pipeline.errors import UserError
 from pipeline.hf_training import (checkpoint_callbacks, resume_checkpoint, run_training, save_final, train_metrics,
                                   training_kwargs)
@@ -23,16 +23,9 @@ from pipeline.lora import check_targets, load_merged, lora_config, save_final_lo
 from pipeline.models import check_model_tokenizer, load_model, load_tokenizer
 
 
-def load_split(ctx: StageContext, split: str):
-    """The `train` or `eval` pairs; `prompt` is checked like the other fields when the data has it."""
-    data, where = ctx.section.data, dict(split=split, data_dir=ctx.run_dir.data_dir, what="reward")
-    # A first load that checks nothing but non-emptiness, to see whether there is a prompt column.
-    columns = load_rows(data, fields=[], optional_fields=("prompt",), **where)
-    if columns is None:
-        return None
-    has_prompt = "prompt" in columns.column_names
-    return load_rows(data, fields=["prompt", "chosen", "rejected"] if has_prompt else ["chosen", "rejected"],
-                     **where)
+def load_split(ctx: StageContext, split: str) -> StageRows | None:
+    """The `train` or `eval` pairs in any reward format (pipeline/schemas.py), every row checked."""
+    return load_stage_rows(ctx.section.data, "reward", split=split, data_dir=ctx.run_dir.data_dir, what="reward")
 
 
 def as_chat(rows):
@@ -49,13 +42,20 @@ def identical_pairs(rows) -> int:
     return sum(c == r for c, r in zip(rows["chosen"], rows["rejected"]))
 
 
-def prepare(rows, tokenizer, split: str, is_main: bool):
-    if rows is None:
+def prepare(data: StageRows | None, tokenizer, split: str, is_main: bool):
+    """Pairs as TRL's RewardTrainer takes them: explicit-prompt string pairs become chat turns when the tokenizer
+    has a chat template; whole conversations (`conversations`, `hh`) need one."""
+    if data is None:
         return None
+    rows = data.rows
     same = identical_pairs(rows)
     if same and is_main:
         print(f"[reward] warning: {same} of {len(rows)} {split} pairs have chosen == rejected "
               "(no preference signal); they are kept", flush=True)
+    conversational = not isinstance(rows[0]["chosen"], str)
+    if conversational and not tokenizer.chat_template:
+        raise UserError(f"{data.source}: pairs are chat turns (format '{data.format}'), but the tokenizer of "
+                        f"reward.input ({tokenizer.name_or_path}) has no chat template; give it one")
     if tokenizer.chat_template and "prompt" in rows.column_names and isinstance(rows[0]["prompt"], str):
         return as_chat(rows)
     return rows
@@ -165,7 +165,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         save_final_lora(trainer, tokenizer, ctx, "seq_cls", **head)
     else:
         save_final(trainer, tokenizer, ctx)
-    metrics: dict[str, Any] = {"train_pairs": len(trainer.train_dataset), "identical_pairs": identical_pairs(train)}
+    metrics: dict[str, Any] = {"train_pairs": len(trainer.train_dataset), "identical_pairs": identical_pairs(train.rows)}
     metrics.update(train_metrics(trainer))
     if trainer.eval_dataset is not None and ctx.is_main:
         metrics.update(held_out_metrics(ctx, trainer.eval_dataset, tokenizer))

@@ -1,10 +1,12 @@
 """Supervised fine-tuning: teach the model to answer prompts, with the loss on the answers only.
 
-1. data: rows with `messages`, or `prompt` + `completion`, checked before anything else is loaded
+1. data: rows with `messages`, `prompt` + `completion` or `text` (pipeline/schemas.py), checked before
+   anything else is loaded
 2. tokenizer from the input checkpoint; the SFT arguments before the model (ZeRO-3 zero.Init)
 3. model: the input causal LM (the previous stage's hand-off); LoRA adapters when `lora` is set
-4. every row becomes a prompt/completion pair (chat turns when the tokenizer has a chat template),
-   truncated to `max_length`, packed if asked; TRL's SFTTrainer trains on the completion tokens only
+4. prompt/completion rows become chat turns when the tokenizer has a chat template (loss on the
+   completion); `messages` rows are rendered by the template with the loss on every assistant turn;
+   `text` rows train on every token; truncated to `max_length`, packed if asked, by TRL's SFTTrainer
    (DeepSpeed, checkpoints, resume, W&B come from the Trainer)
 5. held-out loss; save the hand-off checkpoint (with LoRA: the merged model unless keep_adapters)
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import StageContext
-from pipeline.data import load_rows, resolve_source
+from pipeline.chat import encode_conversation
+from pipeline.data import StageRows, load_stage_rows
 from pipeline.errors import DataError, UserError
 from pipeline.hf_training import (checkpoint_callbacks, perplexity, resume_checkpoint, run_training, save_final,
                                   train_metrics, training_kwargs)
@@ -22,26 +25,9 @@ from pipeline.lora import check_targets, lora_config, save_final_lora
 from pipeline.models import check_model_tokenizer, load_model, load_tokenizer
 
 
-def load_split(ctx: StageContext, split: str):
-    """The `train` or `eval` rows, checked for the format they have: `messages`, else prompt+completion."""
-    data, where = ctx.section.data, dict(split=split, data_dir=ctx.run_dir.data_dir, what="sft")
-    # A first load that checks nothing but non-emptiness, to see which format the columns have.
-    columns = load_rows(data, fields=[], optional_fields=("messages",), **where)
-    if columns is None:
-        return None
-    fields = ["messages"] if "messages" in columns.column_names else ["prompt", "completion"]
-    return load_rows(data, fields=fields, **where)
-
-
-def split_conversation(rows, source: str):
-    """`messages` -> prompt = every turn but the last, completion = the last turn, which must be the assistant's."""
-    for i, row in enumerate(rows):
-        turns = row["messages"]
-        if len(turns) < 2 or turns[-1]["role"] != "assistant":
-            raise DataError(f"{source}: row {i + 1}: field 'messages' must end with an assistant turn that follows "
-                            "at least one other turn (the last turn is what SFT learns to write)")
-    return rows.map(lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
-                    remove_columns=["messages"])
+def load_split(ctx: StageContext, split: str) -> StageRows | None:
+    """The `train` or `eval` rows in any SFT format (pipeline/schemas.py), every row checked."""
+    return load_stage_rows(ctx.section.data, "sft", split=split, data_dir=ctx.run_dir.data_dir, what="sft")
 
 
 def as_chat(rows):
@@ -50,16 +36,42 @@ def as_chat(rows):
                                  "completion": [{"role": "assistant", "content": row["completion"]}]})
 
 
-def prompt_completion(rows, tokenizer, source: str):
-    """Every row as a prompt/completion pair, so TRL puts the loss on the completion only."""
-    if not tokenizer.chat_template and ("messages" in rows.column_names or not isinstance(rows[0]["prompt"], str)):
-        raise UserError(f"{source}: rows are chat turns, but the tokenizer of sft.input ({tokenizer.name_or_path}) "
+def conversations(rows, tokenizer, source: str):
+    """`messages` rows -> token ids with the loss on every assistant turn (`assistant_masks`), rendered by the
+    tokenizer's own chat template."""
+    from datasets import Dataset
+
+    encoded = []
+    for i, turns in enumerate(rows["messages"]):
+        row = encode_conversation(tokenizer, turns)
+        if row is None:
+            raise DataError(f"{source}: row {i + 1}: field 'messages' has no assistant turn that follows another turn "
+                            "and that the chat template renders as a prefix of the whole conversation")
+        encoded.append(row)
+    return Dataset.from_list(encoded)
+
+
+def training_rows(data: StageRows, tokenizer):
+    """Rows as TRL's SFTTrainer takes them: prompt/completion pairs (loss on the completion), token ids with
+    an assistant mask (loss on every assistant turn), or plain text (loss on every token)."""
+    rows, fmt = data.rows, data.format
+    conversational = fmt == "messages" or (fmt == "prompt_completion" and not isinstance(rows[0]["prompt"], str))
+    if conversational and not tokenizer.chat_template:
+        raise UserError(f"{data.source}: rows are chat turns, but the tokenizer of sft.input ({tokenizer.name_or_path}) "
                         "has no chat template; give it one (tokenizer.chat_template) or use prompt/completion strings")
-    if "messages" in rows.column_names:
-        return split_conversation(rows, source)
-    if tokenizer.chat_template and isinstance(rows[0]["prompt"], str):
+    if fmt == "messages":
+        return conversations(rows, tokenizer, data.source)
+    if fmt == "prompt_completion" and tokenizer.chat_template and not conversational:
         return as_chat(rows)
-    return rows  # already conversational pairs, or plain text for a tokenizer without a chat template
+    return rows  # conversational pairs, plain text, or string pairs for a tokenizer without a chat template
+
+
+def trained_example(row: dict[str, Any], tokenizer) -> dict[str, str]:
+    """The first training sequence as the model sees it, and the part of it the loss is on, for the manifest:
+    a user checks here that the chat template and the loss mask are what they meant."""
+    ids = row["input_ids"]
+    labels = row.get("labels") or ids
+    return {"text": tokenizer.decode(ids), "trained": tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])}
 
 
 def check_not_empty(trainer, max_length: int) -> None:
@@ -94,12 +106,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if cfg.lora is not None:
         check_targets(model, cfg.lora, "sft.lora")
 
-    # 4. prompt/completion pairs, made once (rank 0 first, the other ranks reuse its cached result), and train
-    data_dir = ctx.run_dir.data_dir
+    # 4. training rows in the form TRL takes (see training_rows), made once (rank 0 first, the other ranks reuse its cached result), and train
     with args.main_process_first(desc="sft data"):
-        train_pairs = prompt_completion(train, tokenizer, resolve_source(cfg.data.train, data_dir))
-        eval_pairs = (prompt_completion(held_out, tokenizer, resolve_source(cfg.data.eval, data_dir))
-                      if held_out is not None else None)
+        train_pairs = training_rows(train, tokenizer)
+        eval_pairs = training_rows(held_out, tokenizer) if held_out is not None else None
     resume = resume_checkpoint(ctx)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs, processing_class=tokenizer,
@@ -107,10 +117,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         callbacks=checkpoint_callbacks(ctx),
     )
     check_not_empty(trainer, cfg.max_length)
+    ctx.extra_manifest["example"] = trained_example(trainer.train_dataset[0], tokenizer)
     run_training(trainer, resume)
 
     # 5. held-out loss on the trained weights, then the hand-off
-    metrics: dict[str, Any] = {"train_rows": len(train), "train_sequences": len(trainer.train_dataset)}
+    metrics: dict[str, Any] = {"train_rows": len(train.rows), "train_sequences": len(trainer.train_dataset)}
     metrics.update(train_metrics(trainer))
     if eval_pairs is not None:
         loss = trainer.evaluate()["eval_loss"]

@@ -35,7 +35,6 @@ Before training
 - prompts filling the whole context ... test_prompts_filling_the_context_are_refused
 - chosen == rejected (warn, count) .... test_identical_pairs_are_warned_about_with_a_count
 - tokenizer larger than embeddings .... test_model_tokenizer_mismatch_is_refused[vocab-above-embeddings]
-- no pad token ........................ test_model_tokenizer_mismatch_is_refused[no-pad-token]
 - no chat template where needed ....... test_model_tokenizer_mismatch_is_refused[no-chat-template]
 - reward model with several outputs ... test_bad_path_is_refused_before_launch[reward-model-3-outputs],
                                         sft_reward.py::test_reward_refuses_a_classifier_with_several_outputs
@@ -457,20 +456,15 @@ def _more_tokens(tokenizer) -> None:
     tokenizer.add_tokens(["<extra-1>", "<extra-2>", "<extra-3>"])
 
 
-def _no_pad(tokenizer) -> None:
-    tokenizer.pad_token = None
-
-
 def _no_template(tokenizer) -> None:
     tokenizer.chat_template = None
 
 
 @pytest.mark.parametrize("edit, data, culprits", [
     (_more_tokens, None, ["tokenizer has 403 tokens", "embeds only 400"]),
-    (_no_pad, None, ["has no pad token"]),
     (_no_template, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
      ["rows are chat turns", "has no chat template"]),
-], ids=["vocab-above-embeddings", "no-pad-token", "no-chat-template"])
+], ids=["vocab-above-embeddings", "no-chat-template"])
 def test_model_tokenizer_mismatch_is_refused(run_dir, rlhf_here, tmp_path, pretrained, edit, data, culprits):
     model = model_variant(pretrained, tmp_path / "model", tokenizer_edit=edit)
     overrides = [f"sft.input={model}"] + ([f"sft.data.train={write_jsonl(tmp_path / 'chat.jsonl', data * 4)}"]

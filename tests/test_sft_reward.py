@@ -231,17 +231,24 @@ def test_reward_refuses_a_classifier_with_several_outputs(tmp_path):
     check_input_head(str(tmp_path))
 
 
-def test_sft_rows_become_prompt_completion_pairs():
+def test_sft_rows_become_what_the_trainer_takes():
     from datasets import Dataset
 
-    from stages.sft import as_chat, split_conversation
+    from pipeline.data import StageRows
+    from stages.sft import training_rows
+    from tests.standins import make_tokenizer
 
+    tokenizer = make_tokenizer("qwen2")
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
             {"role": "assistant", "content": "a"}]
-    pairs = split_conversation(Dataset.from_list([{"messages": chat}]), "x.jsonl")
-    assert pairs[0] == {"prompt": chat[:2], "completion": chat[2:]}
-    plain = as_chat(Dataset.from_list([{"prompt": "p", "completion": "c"}]))
+    encoded = training_rows(StageRows(Dataset.from_list([{"messages": chat}]), "messages", "x.jsonl"), tokenizer)
+    trained = [t for t, m in zip(encoded[0]["input_ids"], encoded[0]["assistant_masks"]) if m]
+    assert tokenizer.decode(trained) == "a<|im_end|>\n"
+    plain = training_rows(StageRows(Dataset.from_list([{"prompt": "p", "completion": "c"}]), "prompt_completion",
+                                    "x.jsonl"), tokenizer)
     assert plain[0] == {"prompt": [{"role": "user", "content": "p"}],
                         "completion": [{"role": "assistant", "content": "c"}]}
-    with pytest.raises(DataError, match=r"x\.jsonl: row 2: field 'messages' must end with an assistant turn"):
-        split_conversation(Dataset.from_list([{"messages": chat}, {"messages": chat[:2]}]), "x.jsonl")
+    # a template that does not render the assistant turn as a prefix extension leaves nothing to learn
+    tokenizer.chat_template = "{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(DataError, match=r"x\.jsonl: row 1: field 'messages' has no assistant turn"):
+        training_rows(StageRows(Dataset.from_list([{"messages": chat}]), "messages", "x.jsonl"), tokenizer)

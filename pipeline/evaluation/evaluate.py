@@ -18,12 +18,13 @@ from pipeline import movie_reviews
 from pipeline.config import DataSection, PipelineConfig
 from pipeline.evaluation import guards
 from pipeline.evaluation.judges import is_model_judge, load_judge, mean_and_stderr, win_rate
+from pipeline.schemas import Prompt, answer_text, prompt_text
 
 BASELINE = "sft"
 PLAIN_TEMPERATURE = 1.0
 SIGNIFICANCE = 0.05  # a policy is ahead at a temperature only if its wins over losses are this unlikely by chance
 SAMPLES_KEPT = 10  # responses per policy and temperature kept in results.json, the same prompts for all
-FLUENCY_TEXT_FIELDS = ("text", "completion", "chosen")
+FLUENCY_TEXT_FIELDS = ("text", "completion", "chosen", "messages")  # the first one a row has is read
 
 
 def prompt_source(cfg: PipelineConfig) -> str | None:
@@ -55,17 +56,19 @@ def _demo_data(cfg: PipelineConfig, source: str | None, data_dir: Path) -> None:
         movie_reviews.prepare(cfg.movie_reviews, data_dir / "movie-reviews")
 
 
-def load_prompts(cfg: PipelineConfig, data_dir: Path) -> list[str] | None:
-    """The held-out prompts: `eval.prompts`, else `ppo.data.eval` (a hub set's `ppo.data.eval_split`),
-    the first `eval.num_prompts`; None when neither is set."""
-    from pipeline.data import load_rows
+def load_prompts(cfg: PipelineConfig, data_dir: Path) -> list[Prompt] | None:
+    """The held-out prompts, in any PPO prompt format: `eval.prompts`, else `ppo.data.eval`, read from a hub
+    set or dataset folder's `ppo.data.eval_split` (never the training split); the first `eval.num_prompts`;
+    None when neither is set."""
+    from pipeline.data import load_stage_rows
 
     source = prompt_source(cfg)
     if source is None:
         return None
     _demo_data(cfg, source, data_dir)
-    data = DataSection(train=source, split=cfg.ppo.data.eval_split, columns=cfg.ppo.data.columns)
-    rows = load_rows(data, split="train", fields=["prompt"], data_dir=data_dir, what="eval.prompts")
+    declared = cfg.ppo.data.format if source == cfg.ppo.data.eval else "auto"
+    data = DataSection(eval=source, eval_split=cfg.ppo.data.eval_split, columns=cfg.ppo.data.columns, format=declared)
+    rows = load_stage_rows(data, "ppo", split="eval", data_dir=data_dir, what="eval.prompts").rows
     return list(rows["prompt"])[: cfg.eval.num_prompts]
 
 
@@ -80,10 +83,10 @@ def load_fluency_model(cfg: PipelineConfig, data_dir: Path) -> guards.NgramLM | 
     _demo_data(cfg, source, data_dir)
     rows = load_rows(DataSection(train=source, split=cfg.sft.data.eval_split), split="train", fields=[],
                      optional_fields=FLUENCY_TEXT_FIELDS, data_dir=data_dir, what="eval.fluency_text")
-    field = next((f for f in FLUENCY_TEXT_FIELDS if f in rows.column_names and isinstance(rows[0][f], str)), None)
+    field = next((f for f in FLUENCY_TEXT_FIELDS if f in rows.column_names), None)
     if field is None:
-        raise DataError(f"eval.fluency_text: {source}: no string field among {', '.join(FLUENCY_TEXT_FIELDS)}")
-    return guards.NgramLM(t for t in rows[field] if isinstance(t, str))
+        raise DataError(f"eval.fluency_text: {source}: no field among {', '.join(FLUENCY_TEXT_FIELDS)}")
+    return guards.NgramLM(text for text in map(answer_text, rows[field]) if text)
 
 
 def policy_summary(responses: list[str], judge_scores: list[float], token_lengths: list[int],
@@ -95,7 +98,7 @@ def policy_summary(responses: list[str], judge_scores: list[float], token_length
             "n": len(responses)}
 
 
-def evaluate_policies(policies: dict[str, str], *, reference: str, prompts: list[str], settings: dict[str, Any],
+def evaluate_policies(policies: dict[str, str], *, reference: str, prompts: list[Prompt], settings: dict[str, Any],
                       fluency_lm: guards.NgramLM | None = None, reward_model: str | None = None,
                       device: str = "cpu") -> dict[str, Any]:
     """Generate, judge and compare each policy (name -> checkpoint dir) on the same prompts, at every
@@ -131,7 +134,7 @@ def evaluate_policies(policies: dict[str, str], *, reference: str, prompts: list
             if reward_scorer is not None:
                 summary["reward_model_mean"] = mean_and_stderr(reward_scorer(prompts, texts))[0]
             block["policies"][name] = summary
-            block["samples"][name] = [{"prompt": prompts[i], "response": texts[i], "judge": judged[name][i]} for i in kept]
+            block["samples"][name] = [{"prompt": prompt_text(prompts[i]), "response": texts[i], "judge": judged[name][i]} for i in kept]
         if baseline in judged:
             for name in judged:
                 if name != baseline:

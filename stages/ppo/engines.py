@@ -154,7 +154,8 @@ def deepspeed_configs(ctx: StageContext, total_updates: int) -> PPODeepSpeed:
 
     def train_ds(overrides: dict[str, Any]) -> dict[str, Any]:
         ds = ds_config.resolve(ctx.deepspeed.config, micro_batch=local_minibatch, grad_accum=1,
-                               world_size=ctx.world_size, max_grad_norm=cfg.max_grad_norm, key="ppo.deepspeed.config")
+                               world_size=ctx.world_size, max_grad_norm=cfg.max_grad_norm, key="ppo.deepspeed.config",
+                               precision=ctx.deepspeed.precision)
         return _merge(ds, overrides)
 
     actor_ds = train_ds(cfg.actor_deepspeed)

@@ -22,9 +22,10 @@ import torch.distributed as dist
 
 from pipeline import ds_config, sharding
 from pipeline.context import StageContext
-from pipeline.data import load_rows
+from pipeline.data import load_stage_rows
 from pipeline.errors import UserError
 from pipeline.generation import encode_prompts, left_pad
+from pipeline.schemas import Prompt, prompt_text
 from pipeline.models import load_tokenizer
 from pipeline.rundir import semantic_stage_config
 from pipeline.worker import barrier
@@ -133,8 +134,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(ctx.input_path("actor"), what="ppo.input")
     tokenizer.padding_side = "left"
-    rows = load_rows(cfg.data, split="train", fields=["prompt"], data_dir=ctx.run_dir.data_dir, what="ppo")
-    prompts = list(rows["prompt"])
+    data = load_stage_rows(cfg.data, "ppo", split="train", data_dir=ctx.run_dir.data_dir, what="ppo")
+    prompts = list(data.rows["prompt"])
     full_ids = encode_prompts(tokenizer, prompts, max_len=None)
     too_long = sum(len(ids) > cfg.max_prompt_length for ids in full_ids)
     if too_long and ctx.is_main:
@@ -142,6 +143,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
               f"({cfg.max_prompt_length} tokens with the chat template); they keep their last "
               f"{cfg.max_prompt_length} tokens", flush=True)
     prompt_ids = [ids[-cfg.max_prompt_length:] for ids in full_ids]
+    ctx.extra_manifest["prompt_example"] = tokenizer.decode(prompt_ids[0])  # what the policy is given, template and all
     updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
     models, value_runner = start_models(ctx, tokenizer, total_updates=cfg.max_steps * updates_per_step)
     try:
@@ -159,7 +161,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return result
 
 
-def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts: list[str],
+def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts: list[Prompt],
           prompt_ids: list[list[int]], ema: EMA | None) -> dict[str, float]:
     """Resume from the newest checkpoint if any, then run the PPO steps; returns the last step's metrics."""
     cfg = ctx.section
@@ -254,7 +256,7 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
                   f"{step_stats['time/step_s']:.2f}s/step", flush=True)
         if ctx.is_main and (step + 1) % ctx.config.tracking.sample_every == 0:
             texts = tokenizer.batch_decode(r.responses, skip_special_tokens=True)
-            table = [[prompts[i], t, float(s)] for i, t, s in zip(
+            table = [[prompt_text(prompts[i]), t, float(s)] for i, t, s in zip(
                 prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world, ctx.config.run.seed),
                 texts, raw_scores)]
             ctx.tracker.log_table("ppo/samples", ["prompt", "response", "reward"], table, step=step + 1)
