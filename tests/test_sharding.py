@@ -185,3 +185,21 @@ def test_status_shows_what_each_rank_holds(zero3):
     out = rlhf("status", zero3)
     assert "sharding: 2 rank(s): model ZeRO-3 params/rank" in out, out
     assert "actor ZeRO-3" in out and "reference ZeRO-3" in out, out
+
+
+@pytest.mark.parametrize("run", ["one_rank", "zero3", "zero2"])
+@pytest.mark.parametrize("stage", STAGES)
+def test_plan_matches_measured_sharding(request, tmp_path, run, stage):
+    """`rlhf plan`'s per-rank estimate, made from the run's config as before it ran (an empty run dir: the
+    one-rank run's shapes come from pretrain.model), within 10% of the elements each rank really held."""
+    from pipeline.plan import plan_stage
+    from pipeline.rundir import RunDir, load_run_config
+
+    cfg = load_run_config(RunDir(request.getfixturevalue(run)))
+    planned = {e.name: e.memory for e in plan_stage(cfg, stage, RunDir(tmp_path)).engines}
+    for name, e in engines(request.getfixturevalue(run), stage).items():
+        for rank, held in enumerate(e["per_rank"]):
+            for what, estimate, measured in (("params", planned[name].params.elements, held["params_local"]),
+                                             ("optimizer", planned[name].optimizer.elements,
+                                              held["optim_state_local"])):
+                assert abs(estimate - measured) <= 0.1 * measured, (stage, name, rank, what, estimate, measured)
