@@ -1,7 +1,7 @@
 """The `rlhf` command.
 
     rlhf run CONFIG [--stages pretrain,sft] [--run-dir DIR] [--dry-run] [KEY=VALUE ...]
-    rlhf plan CONFIG [--stages ...] [--run-dir DIR] [--assume-bf16] [KEY=VALUE ...]
+    rlhf plan CONFIG [--stages ...] [--run-dir DIR] [KEY=VALUE ...]
     rlhf resume RUN_DIR [--stage S --from RUN_DIR/S/checkpoint-N] [--force]
     rlhf status RUN_DIR
     rlhf eval RUN_DIR [--include-base] [--num-prompts N] [--prompts SOURCE] [--seed N]
@@ -36,9 +36,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.plan import build_plan, render
 
-    assume_bf16 = getattr(args, "assume_bf16", False)
-    cfg, run_dir, plans = build_plan(args.config, args.overrides, args.stages, args.run_dir, assume_bf16)
-    print(render(args.config, run_dir, cfg, plans, assume_bf16))
+    cfg, run_dir, plans = build_plan(args.config, args.overrides, args.stages, args.run_dir)
+    print(render(args.config, run_dir, cfg, plans))
     return 0
 
 
@@ -121,13 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="each stage's launch command, batch sizes and memory per rank, "
                                        "without loading weights")
     plan.add_argument("config", help="pipeline YAML, e.g. configs/demo.yaml")
-    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.input=/path/to/model")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.input=/path/to/model "
+                                                   "deepspeed.precision=bf16")
     plan.add_argument("--stages", help="comma-separated subset, e.g. sft,ppo (default: the enabled stages)")
     plan.add_argument("--run-dir", help="run dir whose finished stages supply inputs (default: "
                                         "<run.output_dir>/<run.name>)")
-    plan.add_argument("--assume-bf16", action="store_true",
-                      help="count a preset's bf16 \"auto\" as on, as on bf16-capable GPUs (default: as this "
-                           "machine resolves it)")
 
     resume = sub.add_parser("resume", help="continue a run dir: skip finished stages, resume the interrupted one")
     resume.add_argument("run_dir")

@@ -45,16 +45,6 @@ class StagePlan:
     notes: list[str]
 
 
-def with_bf16(spec: str | dict[str, Any], assume_bf16: bool, key: str) -> str | dict[str, Any]:
-    """The preset with bf16 "auto" turned on, when planning for bf16 GPUs from a machine without one."""
-    if not assume_bf16:
-        return spec
-    ds = ds_config.load_preset(spec, key)
-    if ds.setdefault("bf16", {}).get("enabled", "auto") == "auto":
-        ds["bf16"]["enabled"] = True
-    return ds
-
-
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` over `base`, nested dicts key by key (as stages/ppo/engines.py merges actor_deepspeed)."""
     out = dict(base)
@@ -63,21 +53,20 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def trained_stage_ds(cfg: PipelineConfig, stage: str, assume_bf16: bool = False) -> dict[str, Any]:
+def trained_stage_ds(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The DeepSpeed dict pretrain/SFT/reward train under (as pipeline.hf_training.deepspeed_dict)."""
     section, ds = cfg.stage(stage), cfg.stage_deepspeed(stage)
-    key = f"{stage}.deepspeed.config"
-    return ds_config.resolve(with_bf16(ds.config, assume_bf16, key), micro_batch=section.batch_size,
-                             grad_accum=section.grad_accum, world_size=ds.world_size,
-                             max_grad_norm=section.max_grad_norm, key=key)
+    return ds_config.resolve(ds.config, micro_batch=section.batch_size, grad_accum=section.grad_accum,
+                             world_size=ds.world_size, max_grad_norm=section.max_grad_norm,
+                             key=f"{stage}.deepspeed.config", precision=ds.precision)
 
 
-def ppo_ds(cfg: PipelineConfig, assume_bf16: bool = False) -> dict[str, dict[str, Any]]:
+def ppo_ds(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """The actor's, critic's and frozen models' DeepSpeed dicts (as stages/ppo/engines.deepspeed_configs)."""
-    ppo, world = cfg.ppo, cfg.stage_deepspeed("ppo").world_size
-    spec = with_bf16(cfg.stage_deepspeed("ppo").config, assume_bf16, "ppo.deepspeed.config")
-    train = ds_config.resolve(spec, micro_batch=ppo.minibatch_size // world, grad_accum=1, world_size=world,
-                              max_grad_norm=ppo.max_grad_norm, key="ppo.deepspeed.config")
+    ppo, ds = cfg.ppo, cfg.stage_deepspeed("ppo")
+    world = ds.world_size
+    train = ds_config.resolve(ds.config, micro_batch=ppo.minibatch_size // world, grad_accum=1, world_size=world,
+                              max_grad_norm=ppo.max_grad_norm, key="ppo.deepspeed.config", precision=ds.precision)
     actor = merge(train, ppo.actor_deepspeed)
     frozen = ds_config.inference_config(actor, ppo.rollout_batch_size // world, world)
     return {"actor": actor, "critic": merge(train, ppo.critic_deepspeed), "frozen": frozen}
@@ -104,15 +93,14 @@ def engine_plan(spec: EngineSpec, world: int, trust_remote_code: bool) -> Engine
                       engine_memory(count.params_total, trainable, setup, spec.trained))
 
 
-def trained_stage_specs(cfg: PipelineConfig, stage: str, run_dir: RunDir, assume_bf16: bool) -> list[EngineSpec]:
+def trained_stage_specs(cfg: PipelineConfig, stage: str, run_dir: RunDir) -> list[EngineSpec]:
     kind = SEQ_CLS if stage == "reward" else CAUSAL_LM
-    return [EngineSpec("model", stage_source(cfg, stage, "input", run_dir), kind,
-                       trained_stage_ds(cfg, stage, assume_bf16), True, getattr(cfg.stage(stage), "lora", None),
-                       f"{stage}.lora")]
+    return [EngineSpec("model", stage_source(cfg, stage, "input", run_dir), kind, trained_stage_ds(cfg, stage), True,
+                       getattr(cfg.stage(stage), "lora", None), f"{stage}.lora")]
 
 
-def ppo_specs(cfg: PipelineConfig, run_dir: RunDir, assume_bf16: bool) -> list[EngineSpec]:
-    ds, actor = ppo_ds(cfg, assume_bf16), stage_source(cfg, "ppo", "input", run_dir)
+def ppo_specs(cfg: PipelineConfig, run_dir: RunDir) -> list[EngineSpec]:
+    ds, actor = ppo_ds(cfg), stage_source(cfg, "ppo", "input", run_dir)
     specs = [EngineSpec("actor", actor, CAUSAL_LM, ds["actor"], True, cfg.ppo.lora, "ppo.lora"),
              EngineSpec("critic", stage_source(cfg, "ppo", "critic", run_dir), SEQ_CLS, ds["critic"], True)]
     if cfg.ppo.lora is None:  # with LoRA the actor's base, adapters off, is the reference
@@ -148,10 +136,9 @@ def command_line(cfg: PipelineConfig, stage: str, run_dir: RunDir) -> str:
     return " ".join(a if a == FREE_PORT else shlex.quote(a) for a in cmd)
 
 
-def plan_stage(cfg: PipelineConfig, stage: str, run_dir: RunDir, assume_bf16: bool = False) -> StagePlan:
+def plan_stage(cfg: PipelineConfig, stage: str, run_dir: RunDir) -> StagePlan:
     ds = cfg.stage_deepspeed(stage)
-    specs = ppo_specs(cfg, run_dir, assume_bf16) if stage == "ppo" else trained_stage_specs(cfg, stage, run_dir,
-                                                                                             assume_bf16)
+    specs = ppo_specs(cfg, run_dir) if stage == "ppo" else trained_stage_specs(cfg, stage, run_dir)
     engines = [engine_plan(spec, ds.world_size, cfg.run.trust_remote_code) for spec in specs]
     notes = []
     if stage == "ppo" and cfg.ppo.ema_decay is not None:
@@ -162,13 +149,13 @@ def plan_stage(cfg: PipelineConfig, stage: str, run_dir: RunDir, assume_bf16: bo
                      engines, notes)
 
 
-def build_plan(config_path: str, overrides: list[str], stages: str | None, run_dir: str | None,
-               assume_bf16: bool = False) -> tuple[PipelineConfig, RunDir, list[StagePlan]]:
+def build_plan(config_path: str, overrides: list[str], stages: str | None,
+               run_dir: str | None) -> tuple[PipelineConfig, RunDir, list[StagePlan]]:
     from pipeline.orchestrator import default_run_dir, select_stages
 
     cfg = load_config(config_path, overrides)
     rd = RunDir(Path(run_dir) if run_dir else default_run_dir(cfg))
-    return cfg, rd, [plan_stage(cfg, stage, rd, assume_bf16) for stage in select_stages(cfg, stages)]
+    return cfg, rd, [plan_stage(cfg, stage, rd) for stage in select_stages(cfg, stages)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,27 +214,29 @@ def render_stage(p: StagePlan) -> list[str]:
     return lines + table(rows) + [f"  note: {n}" for n in p.notes]
 
 
-def precision_note(cfg: PipelineConfig, plans: list[StagePlan], assume_bf16: bool) -> str | None:
-    """Say how a preset's bf16 "auto" was counted: it resolves on the machine that runs the ranks."""
-    auto = [p.stage for p in plans if ds_config.load_preset(cfg.stage_deepspeed(p.stage).config)
-            .get("bf16", {}).get("enabled", "auto") == "auto"]
-    if not auto:
-        return None
-    if assume_bf16:
-        return f"bf16 \"auto\" ({', '.join(auto)}) counted as on (--assume-bf16), as on bf16-capable GPUs"
+def precision_note(cfg: PipelineConfig, plans: list[StagePlan]) -> str | None:
+    """Precision `auto` resolves on the machine that runs the ranks: say so when it came out fp32 here."""
     if ds_config.bf16_supported():
         return None
-    return (f"bf16 \"auto\" ({', '.join(auto)}) is off on this machine (no bf16 GPU), so sizes are fp32; "
-            "--assume-bf16 plans for bf16-capable GPUs")
+    auto = []
+    for p in plans:
+        ds = cfg.stage_deepspeed(p.stage)
+        preset = ds_config.load_preset(ds.config)
+        if ds.precision == "auto" and preset.get("bf16", {}).get("enabled", "auto") == "auto" \
+                and preset.get("fp16", {}).get("enabled") is not True:
+            auto.append(p.stage)
+    if not auto:
+        return None
+    return (f"precision auto ({', '.join(auto)}): fp32 on this machine (no bf16 GPU), bf16 on GPUs that have it; "
+            "add deepspeed.precision=bf16 to plan for those")
 
 
-def render(config_path: str, run_dir: RunDir, cfg: PipelineConfig, plans: list[StagePlan],
-           assume_bf16: bool) -> str:
+def render(config_path: str, run_dir: RunDir, cfg: PipelineConfig, plans: list[StagePlan]) -> str:
     lines = [f"plan for {config_path} (run dir {run_dir.root}): nothing loaded, written or launched"]
-    note = precision_note(cfg, plans, assume_bf16)
+    note = precision_note(cfg, plans)
     lines += [note] if note else []
     for p in plans:
         lines += ["", *render_stage(p)]
-    lines += ["", "per rank: parameters, gradients and Adam state (fp32 moments + master copy) only; activations, "
-                  "the generation KV cache and DeepSpeed buffers come on top"]
+    lines += ["", "per rank: parameters, gradients and Adam state (fp32 moments, and fp32 master weights where "
+                  "DeepSpeed keeps them) only; activations, the generation KV cache and DeepSpeed buffers come on top"]
     return "\n".join(lines)

@@ -204,7 +204,8 @@ def test_unresolvable_inputs_are_user_errors(tmp_path):
 def test_trained_stage_ds_is_what_hf_training_resolves():
     from pipeline.hf_training import deepspeed_dict
 
-    cfg = load_config(TINY, ["deepspeed.num_gpus=2", "sft.deepspeed={config: zero2}", "sft.grad_accum=3"])
+    cfg = load_config(TINY, ["deepspeed.num_gpus=2", "sft.deepspeed={config: zero2, precision: bf16}",
+                             "sft.grad_accum=3"])
     ctx = SimpleNamespace(deepspeed=cfg.stage_deepspeed("sft"), world_size=2, name="sft")
     assert trained_stage_ds(cfg, "sft") == deepspeed_dict(ctx, cfg.sft)
 
@@ -212,18 +213,19 @@ def test_trained_stage_ds_is_what_hf_training_resolves():
 def test_ppo_ds_is_what_the_ppo_engines_resolve():
     from stages.ppo.engines import deepspeed_configs
 
-    cfg = load_config(TINY, [*PPO_ON, "deepspeed.num_gpus=2", "deepspeed.config=zero3", "ppo.rollout_batch_size=8",
-                             "ppo.minibatch_size=4", "ppo.critic_deepspeed={zero_optimization: {stage: 1}}"])
+    cfg = load_config(TINY, [*PPO_ON, "deepspeed.num_gpus=2", "deepspeed.config=zero3", "deepspeed.precision=fp16",
+                             "ppo.rollout_batch_size=8", "ppo.minibatch_size=4",
+                             "ppo.critic_deepspeed={zero_optimization: {stage: 1}}"])
     ctx = SimpleNamespace(section=cfg.ppo, world_size=2, deepspeed=cfg.stage_deepspeed("ppo"))
     theirs = deepspeed_configs(ctx, total_updates=10)
     assert ppo_ds(cfg) == {"actor": theirs.actor, "critic": theirs.critic, "frozen": theirs.frozen}
 
 
-def test_assume_bf16_turns_auto_on_but_not_an_explicit_off():
-    cfg = load_config(TINY)
-    assert trained_stage_ds(cfg, "sft", assume_bf16=True)["bf16"]["enabled"] is True
-    cfg = load_config(TINY, ["deepspeed.config={zero_optimization: {stage: 0}, bf16: {enabled: false}}"])
-    assert trained_stage_ds(cfg, "sft", assume_bf16=True)["bf16"]["enabled"] is False
+def test_precision_setting_decides_the_dtype_and_auto_is_fp32_without_a_bf16_gpu():
+    assert memory.training_dtype(trained_stage_ds(load_config(TINY, ["deepspeed.precision=bf16"]), "sft")) == "bf16"
+    assert memory.training_dtype(trained_stage_ds(load_config(TINY, ["sft.deepspeed={precision: fp16}"]), "sft")) \
+        == "fp16"
+    assert memory.training_dtype(trained_stage_ds(load_config(TINY), "sft")) == "fp32"  # this machine: CPU only
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,9 +233,9 @@ def test_assume_bf16_turns_auto_on_but_not_an_explicit_off():
 
 
 def test_ppo_plan_has_four_engines_with_frozen_ones_following_the_actor(tmp_path):
-    cfg = load_config(TINY, [*PPO_ON, "deepspeed.num_gpus=2", "deepspeed.config=zero3", "ppo.rollout_batch_size=8",
-                             "ppo.minibatch_size=8"])
-    plan = plan_stage(cfg, "ppo", RunDir(tmp_path), assume_bf16=True)
+    cfg = load_config(TINY, [*PPO_ON, "deepspeed.num_gpus=2", "deepspeed.config=zero3", "deepspeed.precision=bf16",
+                             "ppo.rollout_batch_size=8", "ppo.minibatch_size=8"])
+    plan = plan_stage(cfg, "ppo", RunDir(tmp_path))
     engines = {e.name: e for e in plan.engines}
     assert list(engines) == ["actor", "critic", "reference", "reward"]
     assert all(e.setup.zero_stage == 3 and e.setup.dtype == "bf16" for e in engines.values())
@@ -258,6 +260,7 @@ def test_rlhf_plan_prints_every_stage_and_writes_nothing(tmp_path, capsys):
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert f"[{stage}] 1 rank(s)" in out
     assert "total (4 models)" in out and "params/rank" in out
+    assert "precision auto (pretrain, sft, reward, ppo): fp32 on this machine" in out
     assert not run_dir.exists()
 
 
