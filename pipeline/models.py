@@ -72,7 +72,9 @@ def build_model(arch: ModelArch, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def _local_or_hub(path: str, what: str) -> str:
+def model_source(path: str, what: str) -> str:
+    """A local checkpoint dir, or a hub id that can be loaded now: the hub is reachable, or the model is in the
+    local hub cache (HF_HOME), whose snapshot dir is then returned so nothing waits on the network."""
     p = Path(path).expanduser()
     if p.exists():
         return str(p)
@@ -80,15 +82,21 @@ def _local_or_hub(path: str, what: str) -> str:
         raise UserError(f"{what}: path not found: {path}")
     from pipeline.data import hub_reachable
 
-    if not hub_reachable():
-        raise UserError(f"{what}: '{path}' is not a local path and the Hugging Face hub is offline")
-    return path
+    if hub_reachable():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # not cached (huggingface_hub raises several types)
+        raise UserError(f"{what}: '{path}' is not a local path, not in the local hub cache, and the Hugging Face "
+                        "hub is offline") from None
 
 
 def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool | None = None):
     from transformers import AutoTokenizer
 
-    src = _local_or_hub(path, what)
+    src = model_source(path, what)
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=TRUST_REMOTE_CODE if trust_remote_code is None
                                             else trust_remote_code)
@@ -121,7 +129,7 @@ def load_model(path: str, kind: str = "causal_lm", what: str = "model", trust_re
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
-    src = _local_or_hub(path, what)
+    src = model_source(path, what)
     try:
         trust = TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code
         model = cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust, dtype=dtype or torch.float32,

@@ -1,5 +1,10 @@
 """A user's own checkpoint of each common causal-LM family through SFT -> reward -> PPO -> eval, with the
-dataset schemas users bring, through the real CLI on CPU.
+dataset schemas users bring, on CPU.
+
+The orchestrator runs as `rlhf run` does (preflight, manifests, hand-offs, the end-of-run evaluation); only
+DeepSpeed's launcher is replaced by a call of the worker's `run_stage` in this process, one rank, so four
+families cost their training and not twelve process start-ups. The launcher path itself is what every other
+end-to-end test (and the example configs' test) runs.
 
 Each family is a tiny random-weight model built with `from_config` and saved with `save_pretrained`, with a
 tokenizer that has the family's special tokens and chat template (tests/standins.py). Qwen2 and Gemma are
@@ -10,18 +15,37 @@ every format goes through its stage end to end.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests import standins
-from tests.conftest import communicate
+from pipeline.launch import free_port
+from tests.conftest import destroy_process_group
 
-pytestmark = pytest.mark.slow  # launches the CLI
+pytestmark = pytest.mark.slow  # trains every stage
 
-RUN_TIMEOUT_S = 900
+
+@pytest.fixture
+def in_process_launcher(monkeypatch):
+    """`run_launcher` replaced by the worker's run_stage in this process (rank 0 of 1)."""
+    from pipeline import orchestrator, worker
+    from pipeline.rundir import RunDir
+    from stages import load_stage
+
+    def run_here(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
+        arg = dict(zip(cmd, cmd[1:]))
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}.items():
+            monkeypatch.setenv(key, value)
+        try:
+            worker.run_stage(RunDir(Path(arg["--run-dir"])), arg["--stage"], load_stage(arg["--stage"]).run, None)
+        finally:
+            destroy_process_group()
+        return 0
+
+    monkeypatch.setattr(orchestrator, "run_launcher", run_here)
 
 
 def messages_prompt_rows(n: int, offset: int = 0):
@@ -97,17 +121,17 @@ def manifest(run_dir: Path, stage: str) -> dict:
 
 @pytest.mark.parametrize("family, stored", [("llama", "float32"), ("mistral", "float32"), ("gpt2", "float32"),
                                             ("gemma", "bfloat16")])
-def test_family_runs_every_stage(tmp_path, family, stored):
+def test_family_runs_every_stage(tmp_path, in_process_launcher, family, stored):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipeline.orchestrator import run_pipeline
 
     model = standins.save_checkpoint(family, tmp_path / "model", dtype=stored)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(run_config(family, model, write_data(family, tmp_path))))
     run_dir = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    code, out, err = communicate(["run", config, "--run-dir", run_dir], env, RUN_TIMEOUT_S, merge_output=True)
-    assert code == 0, out[-4000:]
+    run_pipeline(str(config), [], None, str(run_dir))
 
     for stage in ("sft", "reward", "ppo"):
         assert manifest(run_dir, stage)["status"] == "complete"

@@ -74,10 +74,15 @@ def _same_model(a: Path, b: Path) -> bool:
 
 def check_judge(spec: str, optimised_reward_model: str | Path | None = None) -> None:
     """Reject a judge that cannot load before any model is, naming the setting; and a reward-model judge
-    that is the reward model PPO optimised against (a policy is always "good" by its own reward)."""
+    (a dir, or a hub id that is reachable or cached) that is the reward model PPO optimised against (a policy
+    is always "good" by its own reward)."""
     if is_model_judge(spec):
-        if not Path(spec).is_dir():
-            raise UserError(f"eval.judge: '{spec}' is not 'vader', a 'module:callable' or a reward-model dir")
+        from pipeline.models import model_source
+
+        if not Path(spec).is_dir() and spec.count("/") != 1:
+            raise UserError(f"eval.judge: '{spec}' is not 'vader', a 'module:callable', a reward-model dir or a "
+                            "hub id")
+        spec = model_source(spec, "eval.judge")  # a hub id: reachable or cached, else one line now
         if optimised_reward_model and Path(optimised_reward_model).is_dir() and _same_model(
                 Path(spec), Path(optimised_reward_model)):
             raise UserError(f"eval.judge: {spec} is the reward model PPO optimised ({optimised_reward_model}); "
