@@ -230,7 +230,15 @@ class PPOSection(TrainLoop):
     reward_clip: float | None = doc(None, "Clip scores to [-x, x].")
     missing_eos_penalty: float | None = doc(None, "Subtract from the score of responses without EOS.")
     ema_decay: float | None = doc(None, "Keep an EMA of the actor with this decay.")
-    critic_lr: float = doc(1e-4, "Critic learning rate.")
+    critic_lr: float = doc(1e-4, "Critic learning rate (gae only).")
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = doc(
+        "gae", "gae: PPO with a critic; grpo, rloo (need samples_per_prompt >= 2) and reinforce_pp build no critic.")
+    samples_per_prompt: int = doc(1, "Responses sampled per prompt in each rollout batch (a group, kept on one rank).")
+    grpo_scale_rewards: bool = doc(True, "grpo: divide by the group's std (false: Dr. GRPO, mean-centred only).")
+    kl_in: Literal["reward", "loss"] = doc("reward", "KL to the reference in the reward (kl_estimator) or as a "
+                                                     "k3 loss term weighted by kl_coef.")
+    loss_agg: Literal["token_mean", "seq_mean_token_sum"] = doc(
+        "token_mean", "Policy loss over a minibatch: mean over tokens, or per-sequence token sums averaged.")
     sampling_seed: int | None = doc(None, "Seed for rollout sampling; unset derives from run.seed.")
     lora: LoraSection | None = doc(None, "LoRA on the actor; the reference is then the base with adapters off.")
     actor_deepspeed: dict[str, Any] = doc({}, "DeepSpeed overrides for the actor.")
@@ -240,10 +248,15 @@ class PPOSection(TrainLoop):
         super().validate(p)
         for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length"):
             check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
-        check(self.minibatch_size <= self.rollout_batch_size, f"{p}.minibatch_size",
-              f"must be <= rollout_batch_size ({self.rollout_batch_size})")
-        check(self.rollout_batch_size % self.minibatch_size == 0, f"{p}.minibatch_size",
-              "must divide rollout_batch_size")
+        check(self.samples_per_prompt >= 1, f"{p}.samples_per_prompt", "must be >= 1")
+        check(self.advantage_estimator not in ("grpo", "rloo") or self.samples_per_prompt >= 2, f"{p}.samples_per_prompt",
+              f"must be >= 2 for advantage_estimator {self.advantage_estimator} (its baseline is the other samples "
+              f"of the same prompt; got {self.samples_per_prompt})")
+        samples = self.rollout_batch_size * self.samples_per_prompt
+        check(self.minibatch_size <= samples, f"{p}.minibatch_size",
+              f"must be <= rollout_batch_size x samples_per_prompt ({samples})")
+        check(samples % self.minibatch_size == 0, f"{p}.minibatch_size",
+              f"must divide rollout_batch_size x samples_per_prompt ({samples})")
         check(self.temperature > 0, f"{p}.temperature", "must be > 0")
         check(0 < self.top_p <= 1, f"{p}.top_p", "must be in (0, 1]")
         check(0 <= self.min_new_tokens <= self.max_new_tokens, f"{p}.min_new_tokens",

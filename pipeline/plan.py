@@ -101,8 +101,9 @@ def trained_stage_specs(cfg: PipelineConfig, stage: str, run_dir: RunDir) -> lis
 
 def ppo_specs(cfg: PipelineConfig, run_dir: RunDir) -> list[EngineSpec]:
     ds, actor = ppo_ds(cfg), stage_source(cfg, "ppo", "input", run_dir)
-    specs = [EngineSpec("actor", actor, CAUSAL_LM, ds["actor"], True, cfg.ppo.lora, "ppo.lora"),
-             EngineSpec("critic", stage_source(cfg, "ppo", "critic", run_dir), SEQ_CLS, ds["critic"], True)]
+    specs = [EngineSpec("actor", actor, CAUSAL_LM, ds["actor"], True, cfg.ppo.lora, "ppo.lora")]
+    if cfg.ppo.advantage_estimator == "gae":  # grpo, rloo and reinforce_pp build no critic
+        specs.append(EngineSpec("critic", stage_source(cfg, "ppo", "critic", run_dir), SEQ_CLS, ds["critic"], True))
     if cfg.ppo.lora is None:  # with LoRA the actor's base, adapters off, is the reference
         specs.append(EngineSpec("reference", actor, CAUSAL_LM, ds["frozen"], False))
     specs.append(EngineSpec("reward", stage_source(cfg, "ppo", "reward_model", run_dir), SEQ_CLS, ds["frozen"], False))
@@ -122,10 +123,11 @@ def batch_line(cfg: PipelineConfig, stage: str) -> str:
     if stage != "ppo":
         return (f"micro {s.batch_size}/rank x grad_accum {s.grad_accum} x {world} rank(s) = global "
                 f"{s.batch_size * s.grad_accum * world} per optimizer step")
-    return (f"rollout {s.rollout_batch_size} prompts/step ({s.rollout_batch_size // world}/rank, "
-            f"responses up to {s.max_new_tokens} tokens); minibatch {s.minibatch_size} "
-            f"({s.minibatch_size // world}/rank), {s.rollout_batch_size // s.minibatch_size} update(s) x "
-            f"{s.ppo_epochs} epoch(s) per step")
+    samples = s.rollout_batch_size * s.samples_per_prompt
+    return (f"rollout {s.rollout_batch_size} prompts/step x {s.samples_per_prompt} sample(s) "
+            f"({samples // world} responses/rank, up to {s.max_new_tokens} tokens); minibatch {s.minibatch_size} "
+            f"({s.minibatch_size // world}/rank), {samples // s.minibatch_size} update(s) x "
+            f"{s.ppo_epochs} epoch(s) per step; {s.advantage_estimator} advantages")
 
 
 def command_line(cfg: PipelineConfig, stage: str, run_dir: RunDir) -> str:

@@ -127,7 +127,7 @@ def _engine(model, ds: dict[str, Any], lr: float | None = None, weight_decay: fl
 @dataclass
 class PPOModels:
     actor: Any  # DeepSpeedEngine over a causal LM (possibly a peft model)
-    critic: Any  # DeepSpeedEngine over TokenValueModel
+    critic: Any | None  # DeepSpeedEngine over TokenValueModel; None for the critic-free estimators
     reference: Any | None  # DeepSpeedEngine over a causal LM; None when the actor's LoRA base serves
     reward: Any  # DeepSpeedEngine over TokenValueModel
     uses_lora: bool
@@ -187,7 +187,7 @@ def build_policy_models(ctx: StageContext, tokenizer, total_updates: int) -> tup
 
 
 def build_value_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[Any, Any]:
-    """The critic's engine and the reward model's."""
+    """The critic's engine (None when the advantage estimator needs no critic) and the reward model's."""
     cfg = ctx.section
     ds = deepspeed_configs(ctx, total_updates)
 
@@ -202,9 +202,11 @@ def build_value_models(ctx: StageContext, tokenizer, total_updates: int) -> tupl
         classifier.config.pad_token_id = tokenizer.pad_token_id
         return TokenValueModel(classifier)
 
-    with zero3_init(ds.critic):
-        critic = value_model("critic", "ppo.critic", fresh_head_ok=True)
-    critic_engine = _engine(critic, ds.critic, cfg.critic_lr, cfg.weight_decay, ds.scheduler)
+    critic_engine = None  # grpo, rloo, reinforce_pp: three models, no critic
+    if cfg.advantage_estimator == "gae":
+        with zero3_init(ds.critic):
+            critic = value_model("critic", "ppo.critic", fresh_head_ok=True)
+        critic_engine = _engine(critic, ds.critic, cfg.critic_lr, cfg.weight_decay, ds.scheduler)
     with zero3_init(ds.frozen):
         reward = _engine(value_model("reward_model", "ppo.reward_model", fresh_head_ok=False), ds.frozen)
     return critic_engine, reward

@@ -13,7 +13,7 @@ from pipeline.generation import response_mask, sample
 from pipeline.scoring import (Rollout, last_token_scores, response_logits, response_values,  # noqa: F401 (re-exported)
                              sequence_inputs)
 from pipeline.zero3 import gathered_module
-from stages.ppo import maths
+from stages.ppo import estimators, maths
 from stages.ppo.value_process import InProcess
 
 
@@ -62,9 +62,12 @@ def score(models, r: Rollout, temperature: float, value_runner=None) -> tuple[to
 
 @torch.no_grad()
 def value_scores(models, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Critic values and reward-model scores."""
-    with gathered_module(models.critic) as critic:
-        values = response_values(critic, r)
+    """Critic values (zeros when the estimator builds no critic) and reward-model scores."""
+    if models.critic is None:
+        values = torch.zeros(r.responses.shape, dtype=torch.float32, device=r.responses.device)
+    else:
+        with gathered_module(models.critic) as critic:
+            values = response_values(critic, r)
     with gathered_module(models.reward) as reward:
         return values, last_token_scores(reward, r)
 
@@ -124,10 +127,28 @@ def shape_scores(raw: torch.Tensor, r: Rollout, cfg, moments: RunningMoments, al
 def advantages(
     logprobs, ref_logprobs, values, scores, r: Rollout, cfg, kl_coef: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token KL, shaped rewards, GAE advantages (whitened) and returns."""
+    """Per-token KL, shaped rewards, advantages by `cfg.advantage_estimator` and the critic's returns.
+
+    The KL penalty is in the rewards unless `kl_in: loss` (then the update adds it as a k3 term).
+    gae: GAE over the critic's values (whitened if configured). grpo/rloo: each response's outcome (its
+    score less its summed KL penalty) against the other samples of its prompt, on every token.
+    reinforce_pp: batch-whitened returns. Without a critic, `returns` is the advantage (unused).
+    """
     kl = maths.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)
-    rewards, _ = maths.compute_rewards(scores, kl, kl_coef, r.mask, clip_reward=cfg.reward_clip)
-    adv, returns = maths.gae_advantages(rewards, values, r.mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        adv = maths.masked_whiten(adv, r.mask)
-    return kl, rewards, adv, returns
+    coef = kl_coef if cfg.kl_in == "reward" else 0.0
+    rewards, _ = maths.compute_rewards(scores, kl, coef, r.mask, clip_reward=cfg.reward_clip)
+    if cfg.advantage_estimator == "gae":
+        adv, returns = maths.gae_advantages(rewards, values, r.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = maths.masked_whiten(adv, r.mask)
+        return kl, rewards, adv, returns
+    if cfg.advantage_estimator == "reinforce_pp":
+        adv = estimators.reinforce_pp_advantages(rewards, r.mask, cfg.gamma)
+    else:
+        outcome = maths.masked_sum(rewards, r.mask, dim=1)
+        if cfg.advantage_estimator == "grpo":
+            seq = estimators.grpo_advantages(outcome, cfg.samples_per_prompt, cfg.grpo_scale_rewards)
+        else:
+            seq = estimators.rloo_advantages(outcome, cfg.samples_per_prompt)
+        adv = estimators.per_token(seq, r.mask)
+    return kl, rewards, adv, adv

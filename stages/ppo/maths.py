@@ -128,17 +128,31 @@ def gae_advantages(
     return advantages_bt, _zero_pad(advantages_bt + values, mask)
 
 
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_sum")
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, how: str = "token_mean") -> torch.Tensor:
+    """A per-token loss [B, T] as one number: `token_mean` (mean over all real tokens) or
+    `seq_mean_token_sum` (each response's token sum, averaged over responses)."""
+    if how == "token_mean":
+        return masked_mean(loss, mask)
+    if how == "seq_mean_token_sum":
+        return masked_sum(loss, mask, dim=1).mean()
+    raise ValueError(f"unknown loss aggregation {how!r}; choose one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    agg: str = "token_mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate over [B, T] tensors. Returns (loss, clipfrac, approx_kl), scalars.
 
-    loss = mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); clipfrac is the share
-    of tokens where the clipped term won; approx_kl = mean of (logprobs - old_logprobs)^2 / 2.
+    loss = aggregate (see `aggregate`) of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); clipfrac is
+    the share of tokens where the clipped term won; approx_kl = mean of (logprobs - old_logprobs)^2 / 2.
     """
     # Zero the log-ratio at padding before exp so a garbage pad cannot overflow to inf and
     # turn the (unused) gradient there into NaN.
@@ -146,7 +160,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, agg)
     # Metrics only: detached so nobody backpropagates through them by accident.
     clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask).detach()
     approx_kl = masked_mean(0.5 * log_ratio**2, mask).detach()

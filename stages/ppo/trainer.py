@@ -75,7 +75,8 @@ def sync(device: torch.device) -> None:
 
 
 def critic_eval_mode(models) -> None:
-    models.critic.eval()
+    if models.critic is not None:
+        models.critic.eval()
 
 
 @contextlib.contextmanager
@@ -93,7 +94,8 @@ def cores_split(value_runner) -> Iterator[None]:
 def start_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[PPOModels, InProcess | ValueProcess]:
     """The four engines, with the critic and reward model in a value process where that pays."""
     ds = deepspeed_configs(ctx, total_updates)
-    if not wants_value_process(ctx, (ds_config.zero_stage(ds.actor), ds_config.zero_stage(ds.critic))):
+    has_critic = ctx.section.advantage_estimator == "gae"  # a lone reward model is not worth a process
+    if not has_critic or not wants_value_process(ctx, (ds_config.zero_stage(ds.actor), ds_config.zero_stage(ds.critic))):
         models = build_models(ctx, tokenizer, total_updates)
         return models, InProcess(models)
     values = ValueProcess(ctx, tokenizer, total_updates, threads=max(1, torch.get_num_threads() // 2))
@@ -144,7 +146,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
               f"{cfg.max_prompt_length} tokens", flush=True)
     prompt_ids = [ids[-cfg.max_prompt_length:] for ids in full_ids]
     ctx.extra_manifest["prompt_example"] = tokenizer.decode(prompt_ids[0])  # what the policy is given, template and all
-    updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+    updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size * cfg.samples_per_prompt // cfg.minibatch_size)
     models, value_runner = start_models(ctx, tokenizer, total_updates=cfg.max_steps * updates_per_step)
     try:
         ema = EMA(models.actor.module, cfg.ema_decay) if cfg.ema_decay else None
@@ -170,7 +172,7 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
     kl_ctl = (maths.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
               else maths.FixedKLController(cfg.kl_coef))
     moments = xp.RunningMoments()
-    engines = {"actor": models.actor, "critic": models.critic}
+    engines = {name: e for name, e in (("actor", models.actor), ("critic", models.critic)) if e is not None}
     stage_config = semantic_stage_config(ctx.config, "ppo")
     sampling_seed = cfg.sampling_seed if cfg.sampling_seed is not None else ctx.config.run.seed
 
@@ -197,8 +199,9 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
         # 1. rollout
         sync(device)
         t0 = time.perf_counter()
+        # each prompt `samples_per_prompt` times in consecutive rows: a group stays on this rank
         batch = [prompt_ids[i] for i in prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world,
-                                                        ctx.config.run.seed)]
+                                                        ctx.config.run.seed) for _ in range(cfg.samples_per_prompt)]
         ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
         r = xp.rollout(models.actor, ids, mask, cfg, tokenizer, generator)
         sync(device)
@@ -221,7 +224,7 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
         # 4. update
         t0 = time.perf_counter()
         with cores_split(value_runner):
-            train_stats = update(models, exp, cfg, local_minibatch, generator, value_runner)
+            train_stats = update(models, exp, cfg, local_minibatch, generator, value_runner, kl_ctl.value)
         if ema is not None:
             ema.update(models.actor.module)
         sync(device)
@@ -243,11 +246,11 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
         }
         step_stats = mean_over_ranks(step_stats, device)
         for key in ("ppo/reward_mean", "ppo/policy_loss", "ppo/value_loss"):  # the cause before its effects
-            if not torch.isfinite(torch.tensor(step_stats[key])):
+            if key in step_stats and not torch.isfinite(torch.tensor(step_stats[key])):
                 last = ckpt.complete_checkpoints(ctx.output_dir)
                 raise UserError(f"ppo: {key} is not finite at step {step + 1}; last good checkpoint: "
                                 f"{last[-1] if last else 'none (nothing saved yet)'}")
-        kl_ctl.update(step_stats["ppo/kl_to_ref"], cfg.rollout_batch_size)
+        kl_ctl.update(step_stats["ppo/kl_to_ref"], cfg.rollout_batch_size * cfg.samples_per_prompt)
         metrics = step_stats
         ctx.tracker.log(step_stats, step=step + 1)
         if ctx.is_main and ((step + 1) % cfg.logging_steps == 0 or step == start_step):
@@ -256,9 +259,9 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
                   f"{step_stats['time/step_s']:.2f}s/step", flush=True)
         if ctx.is_main and (step + 1) % ctx.config.tracking.sample_every == 0:
             texts = tokenizer.batch_decode(r.responses, skip_special_tokens=True)
-            table = [[prompt_text(prompts[i]), t, float(s)] for i, t, s in zip(
-                prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world, ctx.config.run.seed),
-                texts, raw_scores)]
+            shown = [i for i in prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world,
+                                               ctx.config.run.seed) for _ in range(cfg.samples_per_prompt)]
+            table = [[prompt_text(prompts[i]), t, float(s)] for i, t, s in zip(shown, texts, raw_scores)]
             ctx.tracker.log_table("ppo/samples", ["prompt", "response", "reward"], table, step=step + 1)
 
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
