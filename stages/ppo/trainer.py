@@ -74,6 +74,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def peak_memory_mib(device: str) -> float:
+    """This rank's peak memory so far: the accelerator's allocated peak, or on CPU the process's peak
+    resident set (a value process's own memory is not included)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def critic_eval_mode(models) -> None:
     if models.critic is not None:
         models.critic.eval()
@@ -159,6 +169,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     result = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("ppo/")}
     result["steps"] = cfg.max_steps
     result["sharding"] = sharding_info
+    result["peak_memory_mib"] = peak_memory_mib(ctx.device)
     result.update(evaluate_after_training(ctx))
     return result
 
