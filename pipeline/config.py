@@ -109,33 +109,44 @@ class LoraSection:
 
 
 @dataclass
-class TrainLoop:
-    """Optimisation settings every trained stage shares."""
+class Optimisation:
+    """Optimisation settings every trained stage reads, PPO included."""
 
     max_steps: int = doc(100, "Optimizer steps to train for.")
-    batch_size: int = doc(8, "Micro-batch size per rank.")
-    grad_accum: int = doc(1, "Gradient accumulation steps.")
     lr: float = doc(3e-4, "Peak learning rate.")
     weight_decay: float = doc(0.0, "AdamW weight decay.")
     warmup_steps: int = doc(0, "Linear warm-up steps.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = doc("cosine", "LR schedule.")
     max_grad_norm: float = doc(1.0, "Gradient clipping norm.")
     logging_steps: int = doc(10, "Log metrics every N steps.")
-    eval_steps: int | None = doc(None, "Evaluate every N steps (always at the end).")
     save_steps: int | None = doc(None, "Save a resumable checkpoint every N steps.")
     keep_checkpoints: int = doc(2, "Keep the last K periodic checkpoints (the final one is always kept).")
     deepspeed: dict[str, Any] = doc({}, "Overrides of the top-level deepspeed section for this stage.")
 
     def validate(self, p: str) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "logging_steps", "keep_checkpoints"):
+        for name in ("max_steps", "logging_steps", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1 (got {getattr(self, name)})")
         check(self.lr > 0, f"{p}.lr", f"must be > 0 (got {self.lr})")
         check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
         check(self.max_grad_norm > 0, f"{p}.max_grad_norm", "must be > 0")
-        for name in ("eval_steps", "save_steps"):
-            value = getattr(self, name)
-            check(value is None or value >= 1, f"{p}.{name}", "must be >= 1 or null")
+        check(self.save_steps is None or self.save_steps >= 1, f"{p}.save_steps", "must be >= 1 or null")
+
+
+@dataclass
+class TrainLoop(Optimisation):
+    """The batch settings of the stages that train through the Hugging Face Trainer (pretrain, SFT, reward);
+    PPO sizes its batches by rollout and minibatch instead."""
+
+    batch_size: int = doc(8, "Micro-batch size per rank.")
+    grad_accum: int = doc(1, "Gradient accumulation steps.")
+    eval_steps: int | None = doc(None, "Evaluate every N steps (always at the end).")
+
+    def validate(self, p: str) -> None:
+        super().validate(p)
+        for name in ("batch_size", "grad_accum"):
+            check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1 (got {getattr(self, name)})")
+        check(self.eval_steps is None or self.eval_steps >= 1, f"{p}.eval_steps", "must be >= 1 or null")
 
 
 @dataclass
@@ -201,7 +212,7 @@ class RewardSection(TrainLoop):
 
 
 @dataclass
-class PPOSection(TrainLoop):
+class PPOSection(Optimisation):
     enabled: bool = doc(True, "Run this stage.")
     input: str | None = doc(None, "Actor (and reference) init; unset takes SFT's final checkpoint.")
     reward_model: str | None = doc(None, "Reward model; unset takes the reward stage's final checkpoint.")
