@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -354,7 +355,9 @@ class PipelineConfig:
         for name in STAGE_ORDER:
             allowed = ("auto", *FORMATS[name])
             fmt = self.stage(name).data.format
-            check(fmt in allowed, f"{name}.data.format", f"must be one of {', '.join(allowed)} (got '{fmt}')")
+            close = difflib.get_close_matches(fmt, allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            check(fmt in allowed, f"{name}.data.format", f"must be one of {', '.join(allowed)} (got '{fmt}'{hint})")
         for name in STAGE_ORDER:
             ds = self.stage_deepspeed(name)  # also rejects bad per-stage overrides
             if not self.stage(name).enabled:
@@ -430,27 +433,74 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A YAML mapping, refusing a key given twice: PyYAML would silently keep the last one (a second `sft:`
+    section would replace the first)."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{key_node.start_mark.name}:{line}",
+                              f"key '{key}' is given twice (lines {seen[key]} and {line}); the second would "
+                              "silently replace the first: keep one")
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _yaml_syntax_error(path: Path, err: yaml.YAMLError) -> ConfigError:
+    """Where a YAML error starts: for an unclosed bracket or quote, the line that opened it (PyYAML's
+    context mark), not the line where the parser gave up (often past the end of the file)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    if context is not None and getattr(err, "context", None):
+        where = f"{path}:{context.line + 1}:{context.column + 1}"
+        found = f" at line {mark.line + 1}" if mark is not None else ""
+        opened = err.context.removeprefix("while parsing ").replace("flow mapping", "{...} mapping").replace(
+            "flow sequence", "[...] list").replace("while scanning ", "")
+        return ConfigError(where, f"YAML syntax error: {opened} opened here is not closed ({problem}{found})")
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    return ConfigError(where, f"YAML syntax error: {problem}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; syntax errors name the file, line and column."""
+    """Read a YAML mapping; syntax errors, duplicate keys and non-UTF-8 bytes name the file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(str(path), "config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "is a directory, not a config file") from None
     except OSError as err:
         raise ConfigError(str(path), f"cannot read config file ({err.strerror})") from None
     try:
-        data = yaml.load(text, Loader=YamlLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}", f"not UTF-8 text (byte 0x{raw[err.start]:02x}); save the config as "
+                                            "UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_named_loader(path))
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(where, f"YAML syntax error: {problem}") from None
+        raise _yaml_syntax_error(path, err) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(str(path), "top level must be a mapping of sections")
     return data
+
+
+def _named_loader(path: Path):
+    """YamlLoader whose marks carry the file's path (for the duplicate-key message)."""
+    def make(stream):
+        loader = YamlLoader(stream)
+        loader.name = str(path)
+        return loader
+    return make
 
 
 def build_config(raw: dict[str, Any], source: str | None = None) -> PipelineConfig:

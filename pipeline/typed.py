@@ -44,7 +44,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(key, f"got {value!r}; allowed: {', '.join(repr(a) for a in get_args(tp))}")
+            choices = [str(a) for a in get_args(tp)]
+            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(key, f"got {value!r}{hint}; allowed: {', '.join(repr(a) for a in get_args(tp))}")
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)

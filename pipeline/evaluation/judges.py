@@ -7,6 +7,7 @@ checkpoint that is not the one PPO optimised (a gold judge) scored by `RewardMod
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import math
@@ -80,8 +81,10 @@ def check_judge(spec: str, optimised_reward_model: str | Path | None = None) -> 
         from pipeline.models import model_source
 
         if not Path(spec).is_dir() and spec.count("/") != 1:
-            raise UserError(f"eval.judge: '{spec}' is not 'vader', a 'module:callable', a reward-model dir or a "
-                            "hub id")
+            close = difflib.get_close_matches(spec, ["vader"], n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"eval.judge: '{spec}'{hint} is not 'vader', a 'module:callable', a reward-model dir or "
+                            "a hub id")
         spec = model_source(spec, "eval.judge")  # a hub id: reachable or cached, else one line now
         if optimised_reward_model and Path(optimised_reward_model).is_dir() and _same_model(
                 Path(spec), Path(optimised_reward_model)):
