@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,12 @@ def resolve(
     max_grad_norm: float | None,
     key: str = "deepspeed.config",
     precision: str = "auto",
+    machine_checks: bool = True,
 ) -> dict[str, Any]:
     """A complete DeepSpeed config dict with no "auto" left in the fields we own; `precision` (see
-    DeepSpeedSection.precision) sets bf16/fp16, overriding the preset, unless it is `auto`."""
+    DeepSpeedSection.precision) sets bf16/fp16, overriding the preset, unless it is `auto`.
+    `machine_checks` refuses what this machine cannot run (check_nvme_offload); off for `rlhf plan`,
+    which plans for another machine."""
     ds = load_preset(spec, key)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = grad_accum
@@ -87,7 +91,36 @@ def resolve(
     stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(key, f"zero_optimization.stage must be 0-3 (got {stage})")
+    if machine_checks:
+        check_nvme_offload(ds, key)
     return ds
+
+
+def async_io_available() -> bool:
+    """Whether DeepSpeed's async_io op (NVMe offload) is built or can be built here: it needs libaio."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    return builder is not None and bool(builder.is_compatible(verbose=False))
+
+
+def check_nvme_offload(ds: dict[str, Any], key: str) -> None:
+    """Refuse an NVMe offload this machine cannot do, before DeepSpeed starts: its `nvme_path` must be a
+    directory here (DeepSpeed would otherwise create it wherever it points, on whatever disk that is), and
+    the async_io op must be buildable (without libaio DeepSpeed fails deep inside engine setup)."""
+    zero = ds.get("zero_optimization", {})
+    nvme = [name for name in ("offload_optimizer", "offload_param")
+            if isinstance(zero.get(name), dict) and zero[name].get("device") == "nvme"]
+    for name in nvme:
+        path = zero[name].get("nvme_path")
+        if not path or not Path(path).is_dir():
+            raise ConfigError(key, f"zero_optimization.{name}.nvme_path {path!r} is not a directory on this machine; "
+                                   "point it at a directory on the NVMe drive (inline dict or JSON copy of the "
+                                   "preset), or offload to cpu (zero3_offload)")
+    if nvme and not async_io_available():
+        raise ConfigError(key, "NVMe offload needs DeepSpeed's async_io op, which cannot be built on this machine "
+                               "(libaio and its headers are missing: install libaio-dev or libaio-devel); "
+                               "or offload to cpu (zero3_offload)")
 
 
 def inference_config(train_ds: dict[str, Any], micro_batch: int, world_size: int) -> dict[str, Any]:
@@ -108,3 +141,34 @@ def inference_config(train_ds: dict[str, Any], micro_batch: int, world_size: int
         "fp16": {"enabled": train_ds.get("fp16", {}).get("enabled", False)},
         "steps_per_print": 1000000,
     }
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, nested dicts key by key (`ppo.actor_deepspeed`, `ppo.critic_deepspeed`)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class PPODeepSpeed:
+    actor: dict[str, Any]
+    critic: dict[str, Any]
+    frozen: dict[str, Any]  # reference and reward model: forward only
+    scheduler: tuple[str, int, int]  # (name, warmup, total updates) for both trained engines
+
+
+def ppo_configs(ppo, ds, world_size: int, total_updates: int = 0) -> PPODeepSpeed:
+    """The DeepSpeed configs of PPO's engines, from its section (`PPOSection`) and its merged deepspeed
+    section: the actor and critic step once per minibatch split over the ranks; the frozen models follow the
+    actor's ZeRO stage. One home for the PPO stage and `rlhf plan`."""
+    def trained(overrides: dict[str, Any]) -> dict[str, Any]:
+        resolved = resolve(ds.config, micro_batch=ppo.minibatch_size // world_size, grad_accum=1,
+                           world_size=world_size, max_grad_norm=ppo.max_grad_norm, key="ppo.deepspeed.config",
+                           precision=ds.precision)
+        return merge(resolved, overrides)
+
+    actor = trained(ppo.actor_deepspeed)
+    frozen = inference_config(actor, ppo.rollout_batch_size // world_size, world_size)
+    return PPODeepSpeed(actor, trained(ppo.critic_deepspeed), frozen, (ppo.lr_scheduler, ppo.warmup_steps, total_updates))

@@ -45,31 +45,19 @@ class StagePlan:
     notes: list[str]
 
 
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`override` over `base`, nested dicts key by key (as stages/ppo/engines.py merges actor_deepspeed)."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def trained_stage_ds(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """The DeepSpeed dict pretrain/SFT/reward train under (as pipeline.hf_training.deepspeed_dict)."""
     section, ds = cfg.stage(stage), cfg.stage_deepspeed(stage)
     return ds_config.resolve(ds.config, micro_batch=section.batch_size, grad_accum=section.grad_accum,
                              world_size=ds.world_size, max_grad_norm=section.max_grad_norm,
-                             key=f"{stage}.deepspeed.config", precision=ds.precision)
+                             key=f"{stage}.deepspeed.config", precision=ds.precision, machine_checks=False)
 
 
 def ppo_ds(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """The actor's, critic's and frozen models' DeepSpeed dicts (as stages/ppo/engines.deepspeed_configs)."""
-    ppo, ds = cfg.ppo, cfg.stage_deepspeed("ppo")
-    world = ds.world_size
-    train = ds_config.resolve(ds.config, micro_batch=ppo.minibatch_size // world, grad_accum=1, world_size=world,
-                              max_grad_norm=ppo.max_grad_norm, key="ppo.deepspeed.config", precision=ds.precision)
-    actor = merge(train, ppo.actor_deepspeed)
-    frozen = ds_config.inference_config(actor, ppo.rollout_batch_size // world, world)
-    return {"actor": actor, "critic": merge(train, ppo.critic_deepspeed), "frozen": frozen}
+    """The actor's, critic's and frozen models' DeepSpeed dicts: ds_config.ppo_configs, as the stage builds them."""
+    ds = cfg.stage_deepspeed("ppo")
+    configs = ds_config.ppo_configs(cfg.ppo, ds, ds.world_size)
+    return {"actor": configs.actor, "critic": configs.critic, "frozen": configs.frozen}
 
 
 @dataclass(frozen=True)

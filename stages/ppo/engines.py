@@ -133,35 +133,8 @@ class PPOModels:
     uses_lora: bool
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-@dataclass
-class PPODeepSpeed:
-    actor: dict[str, Any]
-    critic: dict[str, Any]
-    frozen: dict[str, Any]  # reference and reward model: forward only
-    scheduler: tuple[str, int, int]  # (name, warmup, total updates) for both trained engines
-
-
-def deepspeed_configs(ctx: StageContext, total_updates: int) -> PPODeepSpeed:
-    cfg = ctx.section
-    local_minibatch = cfg.minibatch_size // ctx.world_size
-
-    def train_ds(overrides: dict[str, Any]) -> dict[str, Any]:
-        ds = ds_config.resolve(ctx.deepspeed.config, micro_batch=local_minibatch, grad_accum=1,
-                               world_size=ctx.world_size, max_grad_norm=cfg.max_grad_norm, key="ppo.deepspeed.config",
-                               precision=ctx.deepspeed.precision)
-        return _merge(ds, overrides)
-
-    actor_ds = train_ds(cfg.actor_deepspeed)
-    frozen_ds = ds_config.inference_config(actor_ds, cfg.rollout_batch_size // ctx.world_size, ctx.world_size)
-    return PPODeepSpeed(actor_ds, train_ds(cfg.critic_deepspeed), frozen_ds,
-                        (cfg.lr_scheduler, cfg.warmup_steps, total_updates))
+def deepspeed_configs(ctx: StageContext, total_updates: int) -> ds_config.PPODeepSpeed:
+    return ds_config.ppo_configs(ctx.section, ctx.deepspeed, ctx.world_size, total_updates)
 
 
 def build_policy_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[Any, Any | None]:
