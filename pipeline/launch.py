@@ -3,6 +3,12 @@
 We never spawn ranks or set up networking ourselves: the command is DeepSpeed's own runner
 (`deepspeed --num_gpus N [--hostfile H --num_nodes M] --module stages.worker ...`), so the
 same stage scales from one CPU process to many GPU nodes, and Slurm users can call it too.
+
+Two ways to span nodes, both DeepSpeed's: one `rlhf` on the first node whose launcher reaches the
+others through the hostfile (pdsh/ssh), or the same `rlhf` command started once per node (by
+`srun`, say) with `RLHF_NODE_RANK` set to that node's rank: each then starts DeepSpeed's launcher
+for its own node only (`--no_ssh --node_rank N`), and only node 0 runs the orchestrator's side
+(run dir, data, manifests, evaluation) while the others follow it stage by stage.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ import time
 from pathlib import Path
 
 from pipeline.config import DeepSpeedSection
+from pipeline.errors import UserError
+
+NODE_RANK_ENV = "RLHF_NODE_RANK"
+PER_NODE_FLAGS = ("--no_ssh", "--node_rank")
 
 
 def free_port() -> int:
@@ -30,7 +40,37 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def launcher_command(ds: DeepSpeedSection, run_dir: Path, stage: str, extra: list[str] | None = None) -> list[str]:
+def node_rank() -> int | None:
+    """This node's rank when every node starts its own launcher (`RLHF_NODE_RANK`); None: one launcher for all."""
+    value = os.environ.get(NODE_RANK_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise UserError(f"{NODE_RANK_ENV}={value}: must be this node's rank, 0 to the number of nodes - 1")
+    return int(value)
+
+
+def check_per_node(ds: DeepSpeedSection, node: int | None, key: str) -> None:
+    """A per-node launch needs every node to agree on the rendezvous, so nothing may be picked per node."""
+    given = [a for a in ds.launcher_args if a.split("=", 1)[0] in PER_NODE_FLAGS]
+    if given:
+        raise UserError(f"{key}.launcher_args: {given[0]} is set from {NODE_RANK_ENV} (start `rlhf` on each "
+                        f"node with {NODE_RANK_ENV}=<node rank>), not given in the config")
+    if node is None:
+        return
+    if node >= ds.num_nodes:
+        raise UserError(f"{NODE_RANK_ENV}={node}: {key}.num_nodes is {ds.num_nodes}, so node ranks are "
+                        f"0..{ds.num_nodes - 1}")
+    if ds.num_nodes > 1:
+        for name in ("master_addr", "master_port"):
+            if getattr(ds, name) is None:
+                raise UserError(f"{key}.{name}: required when each node starts its own launcher "
+                                f"({NODE_RANK_ENV} is set); every node must name the same one")
+
+
+def launcher_command(ds: DeepSpeedSection, run_dir: Path, stage: str, extra: list[str] | None = None,
+                     node: int | None = None) -> list[str]:
+    """DeepSpeed's runner for one stage: for all nodes, or with `node` for that node's ranks only."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if ds.hostfile:
         cmd += ["--hostfile", ds.hostfile, "--num_nodes", str(ds.num_nodes)]
@@ -39,6 +79,8 @@ def launcher_command(ds: DeepSpeedSection, run_dir: Path, stage: str, extra: lis
         cmd += ["--master_addr", ds.master_addr]
     cmd += ["--master_port", str(ds.master_port or free_port())]
     cmd += list(ds.launcher_args)
+    if node is not None:
+        cmd += ["--no_ssh", "--node_rank", str(node)]
     cmd += ["--module", "stages.worker", "--run-dir", str(run_dir), "--stage", stage]
     return cmd + list(extra or [])
 

@@ -2,6 +2,10 @@
 
 A stage whose final manifest matches its current fingerprint is skipped; any other stage is
 launched, and the next one reads its input from the manifest it published.
+
+With `RLHF_NODE_RANK` set, the same command runs once per node (pipeline/launch.py): node 0 does all
+of the above; every other node waits for node 0's `config.yaml`, then makes the same skip decisions
+from the same manifests and starts only its own node's launcher for each stage that runs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pipeline import movie_reviews
 from pipeline.checkpoint import atomic_write_text, complete_checkpoints, read_json
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config, read_yaml
 from pipeline.errors import StageFailed, UserError
-from pipeline.launch import launcher_command, launcher_env, release_shm, run_launcher
+from pipeline.launch import check_per_node, launcher_command, launcher_env, node_rank, release_shm, run_launcher
 from pipeline.rundir import RunDir, RunLock, completed_final, load_run_config, stage_fingerprint, stage_inputs
 from pipeline.sharding import describe as describe_sharding
 
@@ -168,14 +172,17 @@ def fmt_metrics(metrics: dict[str, Any], limit: int = 8) -> str:
 
 
 def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_from: dict[str, Path] | None = None,
-               force_resume: bool = False) -> None:
+               force_resume: bool = False, node: int | None = None) -> None:
     """Launch each stage unless its final checkpoint is already up to date. Needs the run lock held.
 
-    A stage named in `resume_from` always runs, continuing from that checkpoint.
+    A stage named in `resume_from` always runs, continuing from that checkpoint. With `node` (from
+    RLHF_NODE_RANK) only that node's launcher starts; a node other than 0 holds no lock and writes
+    nothing but its own launcher log (`<stage>/logs/launch-node<N>.log`).
     """
     resume_from = resume_from or {}
+    follower = bool(node)  # node 1, 2, ...: node 0 prepares data and moves checkpoints
     release_shm()  # buffers left by earlier launches that were killed
-    if uses_movie_reviews(cfg, stages):
+    if uses_movie_reviews(cfg, stages) and not follower:
         movie_reviews.prepare(cfg.movie_reviews, run_dir.data_dir / "movie-reviews")
     for stage in stages:
         inputs = stage_inputs(cfg, stage, run_dir)
@@ -185,15 +192,17 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         if manifest and manifest.get("config_hash") == fingerprint and stage not in resume_from:
             print(f"[{stage}] skipped: {run_dir.final_dir(stage)} is up to date (config hash {fingerprint})")
             continue
-        preflight_launch(cfg, stage, inputs)
-        if manifest and stage not in resume_from:
-            supersede_checkpoints(run_dir, stage, manifest["config_hash"])
         ds = cfg.stage_deepspeed(stage)
+        check_per_node(ds, node, f"{stage}.deepspeed")
+        preflight_launch(cfg, stage, inputs)
+        if manifest and stage not in resume_from and not follower:
+            supersede_checkpoints(run_dir, stage, manifest["config_hash"])
         extra = ["--resume-from", str(resume_from[stage])] if stage in resume_from else []
         extra += ["--force-resume"] if force_resume else []
-        cmd = launcher_command(ds, run_dir.root, stage, extra)
-        log = run_dir.log_dir(stage) / "launch.log"
-        print(f"[{stage}] starting on {ds.world_size} rank(s); log: {log}", flush=True)
+        cmd = launcher_command(ds, run_dir.root, stage, extra, node)
+        log = run_dir.log_dir(stage) / (f"launch-node{node}.log" if follower else "launch.log")
+        where = f"node {node}'s launcher: {ds.num_gpus} of " if node is not None else ""
+        print(f"[{stage}] starting {where}{ds.world_size} rank(s); log: {log}", flush=True)
         started = time.time()
         offset = log.stat().st_size if log.exists() else 0
         try:
@@ -209,14 +218,36 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         print(f"[{stage}] done in {time.time() - started:.0f}s: {fmt_metrics(done.get('metrics', {}))}", flush=True)
 
 
+FOLLOW_TIMEOUT_S = 600.0
+
+
+def wait_for_config(run_dir: RunDir, cfg: PipelineConfig, node: int, timeout_s: float = FOLLOW_TIMEOUT_S) -> None:
+    """Node N > 0: wait until node 0 has written this same config, so every rank trains what node 0 records."""
+    expected, deadline, said = config_to_yaml(cfg), time.monotonic() + timeout_s, False
+    while not (run_dir.config_path.exists() and run_dir.config_path.read_text() == expected):
+        if time.monotonic() > deadline:
+            raise UserError(f"{run_dir.config_path}: node 0 has not written this command's config in {timeout_s:.0f}s; "
+                            "start the same `rlhf run` command (config, overrides, --stages, --run-dir) "
+                            "with RLHF_NODE_RANK=0 on the first node")
+        if not said:
+            print(f"[node {node}] waiting for node 0 to write {run_dir.config_path}", flush=True)
+            said = True
+        time.sleep(1.0)
+
+
 def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run_dir: str | None) -> RunDir:
     cfg = load_config(config_path, overrides)
     rd = RunDir(Path(run_dir) if run_dir else default_run_dir(cfg))
     selected = select_stages(cfg, stages)
+    node = node_rank()
+    if node:  # another node: node 0 holds the run lock, writes the run dir and evaluates
+        wait_for_config(rd, cfg, node)
+        run_stages(cfg, rd, selected, node=node)
+        return rd
     with RunLock(rd):
         check_run_dir_owner(rd, cfg)
         atomic_write_text(rd.config_path, config_to_yaml(cfg))
-        run_stages(cfg, rd, selected)
+        run_stages(cfg, rd, selected, node=node)
         if cfg.eval.enabled and completed_final(rd, "sft"):
             from pipeline.evaluation.rundir import evaluate_after_pipeline  # imports torch only when evaluating
 
@@ -237,9 +268,20 @@ def resume_pipeline(run_dir: str, stage: str | None, from_path: str | None, forc
         if not path.is_dir():
             raise UserError(f"--from: checkpoint dir not found: {path}")
         resume_from[stages[0]] = path.resolve()
+    node = node_rank()
+    if node:  # another node: it only launches; node 0 holds the run lock
+        run_stages(cfg, rd, stages, resume_from, force_resume=force, node=node)
+        return rd
     with RunLock(rd):
-        run_stages(cfg, rd, stages, resume_from, force_resume=force)
+        run_stages(cfg, rd, stages, resume_from, force_resume=force, node=node)
     return rd
+
+
+def describe_placement(placement: dict[str, Any]) -> str:
+    """`2 node(s) x 1 rank(s)`, or the ranks of each node when they differ."""
+    per_node = placement["ranks_per_node"]
+    ranks = f"{per_node[0]} rank(s)" if len(set(per_node)) == 1 else f"{per_node} ranks"
+    return f"{placement['nodes']} node(s) x {ranks}"
 
 
 def stage_state(run_dir: RunDir, stage: str) -> dict[str, Any]:
@@ -270,6 +312,8 @@ def status_lines(run_dir: RunDir) -> list[str]:
                     lines.append(f"  input {key}: {value['path']}")
             lines.append(f"  checkpoint: {run_dir.final_dir(stage)}")
             lines.append(f"  metrics: {fmt_metrics(manifest.get('metrics', {}), limit=20)}")
+            if manifest.get("placement"):
+                lines.append(f"  placement: {describe_placement(manifest['placement'])}")
             if "sharding" in manifest.get("metrics", {}):
                 lines.append(f"  sharding: {describe_sharding(manifest['metrics']['sharding'])}")
             lines.append(f"  finished: {manifest.get('finished_at')}  config hash: {manifest.get('config_hash')}")

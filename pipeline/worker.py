@@ -13,6 +13,7 @@ import argparse
 import errno
 import os
 import shutil
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -39,6 +40,26 @@ def init_distributed() -> tuple[int, int, int]:
         backend = "gloo" if os.environ.get("DS_ACCELERATOR") == "cpu" else None
         deepspeed.init_distributed(dist_backend=backend) if backend else deepspeed.init_distributed()
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def placement(world_size: int) -> dict[str, Any]:
+    """Where the ranks ran, for the manifest: `{nodes, ranks_per_node, node_of_rank, hosts}` (call on every rank).
+
+    A rank's node is the number DeepSpeed's launcher gives it (CROSS_RANK, set on every node, so two
+    "nodes" on one machine count as two), or its host name where a launcher sets none.
+    """
+    import torch.distributed as dist
+
+    mine = (os.environ.get("CROSS_RANK") or socket.gethostname(), socket.gethostname())
+    ranks: list[Any] = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    order = list(dict.fromkeys(node for node, _ in ranks))  # nodes in order of their first rank
+    node_of_rank = [order.index(node) for node, _ in ranks]
+    return {"nodes": len(order), "ranks_per_node": [node_of_rank.count(n) for n in range(len(order))],
+            "node_of_rank": node_of_rank, "hosts": [host for _, host in ranks]}
 
 
 def barrier() -> None:
@@ -75,13 +96,14 @@ def run_stage(run_dir: RunDir, stage: str, stage_run: StageRun, resume_from: Pat
 
     metrics = stage_run(ctx)
 
+    where = placement(world_size)
     barrier()
     if ctx.is_main:
         manifest = make_manifest(
             stage=stage, config_hash=fingerprint, stage_config=semantic_stage_config(cfg, stage),
             inputs=inputs, metrics=metrics, started_at=ctx.started_at, world_size=world_size,
             extra={"checkpoint": str(run_dir.final_dir(stage)), "run_name": cfg.run.name,
-                   "wandb_run_id": tracker.run_id, **ctx.extra_manifest},
+                   "wandb_run_id": tracker.run_id, "placement": where, **ctx.extra_manifest},
         )
         write_json(ctx.staging_final / "manifest.json", manifest)
         publish_dir(ctx.staging_final, run_dir.final_dir(stage))
