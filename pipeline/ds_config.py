@@ -159,14 +159,14 @@ class PPODeepSpeed:
     scheduler: tuple[str, int, int]  # (name, warmup, total updates) for both trained engines
 
 
-def ppo_configs(ppo, ds, world_size: int, total_updates: int = 0) -> PPODeepSpeed:
+def ppo_configs(ppo, ds, world_size: int, total_updates: int = 0, machine_checks: bool = True) -> PPODeepSpeed:
     """The DeepSpeed configs of PPO's engines, from its section (`PPOSection`) and its merged deepspeed
     section: the actor and critic step once per minibatch split over the ranks; the frozen models follow the
-    actor's ZeRO stage. One home for the PPO stage and `rlhf plan`."""
+    actor's ZeRO stage. One home for the PPO stage and `rlhf plan` (which passes `machine_checks=False`)."""
     def trained(overrides: dict[str, Any]) -> dict[str, Any]:
         resolved = resolve(ds.config, micro_batch=ppo.minibatch_size // world_size, grad_accum=1,
                            world_size=world_size, max_grad_norm=ppo.max_grad_norm, key="ppo.deepspeed.config",
-                           precision=ds.precision)
+                           precision=ds.precision, machine_checks=machine_checks)
         return merge(resolved, overrides)
 
     actor = trained(ppo.actor_deepspeed)

@@ -56,7 +56,7 @@ def trained_stage_ds(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
 def ppo_ds(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """The actor's, critic's and frozen models' DeepSpeed dicts: ds_config.ppo_configs, as the stage builds them."""
     ds = cfg.stage_deepspeed("ppo")
-    configs = ds_config.ppo_configs(cfg.ppo, ds, ds.world_size)
+    configs = ds_config.ppo_configs(cfg.ppo, ds, ds.world_size, machine_checks=False)
     return {"actor": configs.actor, "critic": configs.critic, "frozen": configs.frozen}
 
 

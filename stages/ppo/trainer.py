@@ -141,7 +141,8 @@ class EMA:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.section
-    if cfg.ema_decay is not None and ctx.deepspeed.config in ("zero3", "zero3_offload", "zero3_nvme"):
+    # the actor's own stage: a preset, an inline dict or file, or ppo.actor_deepspeed may make it ZeRO-3
+    if cfg.ema_decay is not None and ds_config.zero_stage(deepspeed_configs(ctx, 0).actor) == 3:
         raise UserError("ppo.ema_decay: EMA is supported with ZeRO stages 0-2 (the actor is sharded under ZeRO-3)")
 
     tokenizer = load_tokenizer(ctx.input_path("actor"), what="ppo.input")
@@ -248,6 +249,8 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
             **{f"ppo/{k}": v for k, v in train_stats.items()},
             "ppo/reward_mean": float(raw_scores.mean()), "ppo/reward_std": float(all_gather_cat(raw_scores).std()),
             "ppo/kl_to_ref": float(seq_kl.mean()), "ppo/kl_coef": kl_ctl.value,
+            # per response by ppo.kl_estimator (kl_to_ref is k1): kl_coef times it is the reward's penalty
+            "ppo/kl_estimate": float(maths.masked_sum(kl, r.mask, dim=1).mean()),
             "ppo/response_length": float(r.mask.sum(-1).mean()), "ppo/eos_fraction": float(r.ended.float().mean()),
             "ppo/advantage_mean": float(maths.masked_mean(adv, r.mask)),
             **{f"time/{k}_s": v for k, v in timings.items()},

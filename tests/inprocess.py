@@ -1,0 +1,54 @@
+"""Stages run by the orchestrator in this process, so a test can watch them from inside.
+
+`launcher_in_process()` replaces DeepSpeed's launcher with a call of the worker's `run_stage` here (rank 0
+of 1), as tests/test_architectures.py does; everything else (config, preflight, manifests, hand-offs,
+resume) is what `rlhf run` does. It yields the MonkeyPatch that undoes it, so a test can also wrap a
+stage's own functions (spies) for the same span, module-scoped fixtures included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pipeline.launch import free_port
+from tests.conftest import destroy_process_group
+
+
+@contextlib.contextmanager
+def launcher_in_process() -> Iterator[pytest.MonkeyPatch]:
+    from pipeline import orchestrator, worker
+    from pipeline.rundir import RunDir
+    from stages import load_stage
+
+    with pytest.MonkeyPatch.context() as mp:
+        def run_here(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
+            arg = dict(zip(cmd, cmd[1:]))
+            for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                               "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}.items():
+                mp.setenv(key, value)
+            resume = Path(arg["--resume-from"]) if "--resume-from" in arg else None
+            try:
+                worker.run_stage(RunDir(Path(arg["--run-dir"])), arg["--stage"], load_stage(arg["--stage"]).run,
+                                 resume)
+            finally:
+                destroy_process_group()
+            return 0
+
+        mp.setattr(orchestrator, "run_launcher", run_here)
+        yield mp
+
+
+def spy(mp: pytest.MonkeyPatch, owner, name: str, record: list) -> None:
+    """Wrap `owner.name` for the MonkeyPatch's span: each call appends (args, kwargs, result) to `record`."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        record.append((args, kwargs, result))
+        return result
+
+    mp.setattr(owner, name, wrapper)
