@@ -201,7 +201,7 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         extra += ["--force-resume"] if force_resume else []
         cmd = launcher_command(ds, run_dir.root, stage, extra, node)
         log = run_dir.log_dir(stage) / (f"launch-node{node}.log" if follower else "launch.log")
-        where = f"node {node}'s launcher: {ds.num_gpus} of " if node is not None else ""
+        where = f"node {node}'s launcher: {ds.num_gpus} of " if node is not None else "on "
         print(f"[{stage}] starting {where}{ds.world_size} rank(s); log: {log}", flush=True)
         started = time.time()
         offset = log.stat().st_size if log.exists() else 0
