@@ -102,7 +102,28 @@ def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool |
                                             else trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{what}: cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    return ensure_pad_token(tok)
+    return end_turns_with_eos(ensure_pad_token(tok))
+
+
+def end_turns_with_eos(tokenizer):
+    """Make the token that ends an assistant turn in the chat template the tokenizer's EOS, where they differ
+    (Gemma ends turns with <end_of_turn> but its EOS is <eos>; a base Llama-3 or Qwen2.5 with a chat template
+    ends turns with <|eot_id|> / <|im_end|>): generation stops at EOS, so it must be what SFT taught the model
+    to write after an answer. Only a special token of the vocabulary is taken; nothing is added."""
+    if not tokenizer.chat_template:
+        return tokenizer
+    marker = "\u2063answer\u2063"  # text no template adds around a turn
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # a template that cannot render a plain exchange: leave the tokenizer as it is
+        return tokenizer
+    after = text.split(marker, 1)[-1] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken; the template's markers are special ones
+    if ids and ids[0] != tokenizer.eos_token_id and ids[0] in added and added[ids[0]].special:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids[0])
+    return tokenizer
 
 
 def ensure_pad_token(tokenizer):

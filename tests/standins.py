@@ -55,8 +55,8 @@ FAMILIES = {
                     "<|begin_of_text|>", "<|eot_id|>", None, None, LLAMA3),
     "mistral": Family(["<unk>", "<s>", "</s>"], "<s>", "</s>", None, "<unk>", MISTRAL),
     "gpt2": Family(["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", None, None, None),
-    # Gemma's tokenizer ends a chat turn with <end_of_turn>; its eos for chat generation is that token.
-    "gemma": Family(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<end_of_turn>", "<pad>",
+    # Gemma ends a chat turn with <end_of_turn>, but its tokenizer's eos is <eos> (as shipped)
+    "gemma": Family(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<pad>",
                     None, GEMMA),
 }
 

@@ -185,6 +185,18 @@ def test_a_missing_pad_token_is_one_of_the_tokenizers_own(family, pad):
     assert len(tokenizer) == size  # nothing added: the embeddings keep their size
 
 
+@pytest.mark.parametrize("family, eos", [("gemma", "<end_of_turn>"), ("qwen2", "<|im_end|>"), ("llama", "<|eot_id|>"),
+                                         ("mistral", "</s>"), ("gpt2", "<|endoftext|>")])
+def test_eos_is_the_token_that_ends_an_assistant_turn(tmp_path, family, eos):
+    from pipeline.models import load_tokenizer
+
+    tokenizer = standins.make_tokenizer(family)
+    tokenizer.save_pretrained(tmp_path)
+    size = len(tokenizer)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.eos_token == eos and len(loaded) == size
+
+
 def test_pooled_position_is_the_last_real_token_that_is_not_pad():
     from pipeline.scoring import pooled_positions
 
