@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="plots and report.md from a run dir's metrics, manifests and eval")
     report.add_argument("run_dir")
+    if set(sub.choices) != set(COMMANDS):  # every subcommand has a handler and every handler a subcommand
+        raise AssertionError(f"rlhf subcommands {sorted(sub.choices)} != handlers {sorted(COMMANDS)}")
     return parser
 
 
@@ -169,11 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     # positional matching stops at the first option, so collect the rest ourselves.
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if "=" not in a or a.startswith("-")]
+    bare = [a for a in stray if not a.startswith("-")]
+    if bare and hasattr(args, "overrides"):  # `a.b 3` or a misplaced word: say what an override looks like
+        print(f"error: '{bare[0]}': an override must look like key.sub=value (e.g. ppo.max_steps=10)", file=sys.stderr)
+        sys.exit(2)
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    assert set(COMMANDS) == set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
     if args.debug:
         os.environ["RLHF_DEBUG"] = "1"  # the stage processes (stages.worker) print their tracebacks too
     try:

@@ -83,3 +83,14 @@ def test_the_optimised_reward_model_is_no_judge(tmp_path: Path):
     (tmp_path / "rm").mkdir()
     with pytest.raises(UserError, match="is the reward model PPO optimised"):
         check_judge(str(tmp_path / "rm"), tmp_path / "rm")
+
+
+def test_an_override_without_equals_gets_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "configs/demo.yaml", "--run-dir", str(tmp_path / "run"), "ppo.max_steps", "3"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("error: 'ppo.max_steps': an override must look like key.sub=value "
+                                       "(e.g. ppo.max_steps=10)\n")
+    assert not (tmp_path / "run").exists()
