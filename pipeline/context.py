@@ -50,6 +50,11 @@ class StageContext:
         return None if entry is None else entry["path"]
 
     @property
+    def trust_remote_code(self) -> bool:
+        """run.trust_remote_code: whether checkpoints may bring their own model code (off by default)."""
+        return self.config.run.trust_remote_code
+
+    @property
     def device(self) -> str:
         return "cpu" if os.environ.get("DS_ACCELERATOR") == "cpu" else f"cuda:{self.local_rank}"
 

@@ -84,7 +84,8 @@ def save_final_lora(trainer, tokenizer, ctx, kind: str, **model_kwargs: Any) -> 
     trainer.save_model(str(adapter_dir))  # consolidated under ZeRO-3: adapters (+ score head) only
     if ctx.is_main:
         if not section.keep_adapters:
-            merged = load_merged(ctx.input_path("model"), adapter_dir, kind, **model_kwargs)
+            merged = load_merged(ctx.input_path("model"), adapter_dir, kind, trust_remote_code=ctx.trust_remote_code,
+                                  **model_kwargs)
             merged.save_pretrained(str(ctx.staging_final))
         tokenizer.save_pretrained(str(ctx.staging_final))
     ctx.extra_manifest["lora"] = {

@@ -13,8 +13,6 @@ from pipeline.config import ModelArch
 from pipeline.errors import UserError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
-# Off unless the config's run.trust_remote_code says otherwise (set once per stage process).
-TRUST_REMOTE_CODE = False
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 # Each turn is marked by a role token; an assistant turn ends with EOS, so generation stops there.
@@ -93,13 +91,12 @@ def model_source(path: str, what: str) -> str:
                         "hub is offline") from None
 
 
-def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool | None = None):
+def load_tokenizer(path: str, what: str = "tokenizer", trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     src = model_source(path, what)
     try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=TRUST_REMOTE_CODE if trust_remote_code is None
-                                            else trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{what}: cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
     return end_turns_with_eos(ensure_pad_token(tok))
@@ -138,7 +135,7 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
-def load_model(path: str, kind: str = "causal_lm", what: str = "model", trust_remote_code: bool | None = None,
+def load_model(path: str, kind: str = "causal_lm", what: str = "model", trust_remote_code: bool = False,
                dtype=None, **kwargs):
     """Load a causal LM or a one-output sequence classifier from safetensors weights only.
 
@@ -152,9 +149,8 @@ def load_model(path: str, kind: str = "causal_lm", what: str = "model", trust_re
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     src = model_source(path, what)
     try:
-        trust = TRUST_REMOTE_CODE if trust_remote_code is None else trust_remote_code
-        model = cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust, dtype=dtype or torch.float32,
-                                    **kwargs)
+        model = cls.from_pretrained(src, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                    dtype=dtype or torch.float32, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"{what}: cannot load model from {path}: {str(err).splitlines()[0]}") from None
     return fuse_tanh_gelu(model)

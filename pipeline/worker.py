@@ -19,7 +19,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline import models
 from pipeline.checkpoint import make_manifest, now, publish_dir, write_json
 from pipeline.config import load_config
 from pipeline.context import StageContext
@@ -72,7 +71,6 @@ def barrier() -> None:
 def run_stage(run_dir: RunDir, stage: str, stage_run: StageRun, resume_from: Path | None,
               force_resume: bool = False) -> None:
     cfg = load_config(run_dir.config_path)
-    models.TRUST_REMOTE_CODE = cfg.run.trust_remote_code
     inputs = stage_inputs(cfg, stage, run_dir)
     fingerprint = stage_fingerprint(cfg, stage, inputs)
     rank, world_size, local_rank = init_distributed()

@@ -28,7 +28,7 @@ from pipeline.worker import barrier
 def get_tokenizer(ctx: StageContext, texts):
     given = ctx.input_path("tokenizer") or ctx.input_path("model")
     if given:
-        return load_tokenizer(given, what="pretrain.tokenizer")
+        return load_tokenizer(given, what="pretrain.tokenizer", trust_remote_code=ctx.trust_remote_code)
     # Keyed by what shapes the tokenizer, so a changed vocab size or data never reuses a stale one.
     recipe = stable_hash([ctx.section.tokenizer_vocab_size, to_dict(ctx.section.data), to_dict(ctx.config.movie_reviews)])
     path = ctx.output_dir / f"tokenizer-{recipe}"
@@ -78,7 +78,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     tokenizer = get_tokenizer(ctx, (row["text"] for row in train))
     args = TrainingArguments(**training_kwargs(ctx, cfg))  # before the model: ZeRO-3 init
     if ctx.input_path("model"):
-        model = load_model(ctx.input_path("model"), what="pretrain.input")
+        model = load_model(ctx.input_path("model"), what="pretrain.input", trust_remote_code=ctx.trust_remote_code)
     else:
         model = build_model(cfg.model, tokenizer, ctx.config.run.seed)
     check_model_tokenizer(model, tokenizer, "pretrain")

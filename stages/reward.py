@@ -117,7 +117,7 @@ def held_out_metrics(ctx: StageContext, pairs, tokenizer) -> dict[str, Any]:
     cfg = ctx.section
     head = dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
     if cfg.lora is not None and cfg.lora.keep_adapters:
-        model = load_merged(ctx.input_path("model"), ctx.staging_final, "seq_cls", **head)
+        model = load_merged(ctx.input_path("model"), ctx.staging_final, "seq_cls", trust_remote_code=ctx.trust_remote_code, **head)
     else:
         with whole_model_loading():
             model = load_model(str(ctx.staging_final), kind="seq_cls", what="reward final checkpoint")
@@ -136,13 +136,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     held_out = load_split(ctx, "eval")
 
     # 2. tokenizer and arguments; the arguments exist before the model so ZeRO-3 partitions it as it loads
-    tokenizer = load_tokenizer(ctx.input_path("model"), what="reward.input")
+    tokenizer = load_tokenizer(ctx.input_path("model"), what="reward.input", trust_remote_code=ctx.trust_remote_code)
     args = RewardConfig(**training_kwargs(ctx, cfg), max_length=cfg.max_length, activation_checkpointing=False)
 
     # 3. model: a new one-output `score` head on the input model's body
     check_input_head(ctx.input_path("model"))
     head = dict(num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    model = load_model(ctx.input_path("model"), kind="seq_cls", what="reward.input", **head)
+    model = load_model(ctx.input_path("model"), kind="seq_cls", what="reward.input", trust_remote_code=ctx.trust_remote_code,
+                       **head)
     check_model_tokenizer(model, tokenizer, "reward")
     if cfg.lora is not None:
         check_targets(model, cfg.lora, "reward.lora")

@@ -91,7 +91,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     held_out = load_split(ctx, "eval")
 
     # 2. tokenizer and arguments; the arguments exist before the model so ZeRO-3 partitions it as it loads
-    tokenizer = load_tokenizer(ctx.input_path("model"), what="sft.input")
+    tokenizer = load_tokenizer(ctx.input_path("model"), what="sft.input", trust_remote_code=ctx.trust_remote_code)
     args = SFTConfig(
         **training_kwargs(ctx, cfg),
         max_length=cfg.max_length,
@@ -101,7 +101,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
 
     # 3. model
-    model = load_model(ctx.input_path("model"), what="sft.input")
+    model = load_model(ctx.input_path("model"), what="sft.input", trust_remote_code=ctx.trust_remote_code)
     check_model_tokenizer(model, tokenizer, "sft")
     if cfg.lora is not None:
         check_targets(model, cfg.lora, "sft.lora")

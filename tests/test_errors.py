@@ -239,7 +239,6 @@ def stage_process():
     import stages.pretrain  # noqa: F401
     import stages.reward  # noqa: F401
     import stages.sft  # noqa: F401
-    from pipeline import models
 
     saved_env = dict(os.environ)
     os.environ.update({**OFFLINE, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0",
@@ -251,7 +250,6 @@ def stage_process():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     unset_hf_deepspeed_config()
-    models.TRUST_REMOTE_CODE = False
     os.environ.clear()
     os.environ.update(saved_env)
 
@@ -695,7 +693,7 @@ def test_remote_code_is_not_run_unless_configured(tmp_path):
         "model_type": "remote-test", "architectures": ["RemoteModel"],
         "auto_map": {"AutoConfig": "remote.RemoteConfig", "AutoModelForCausalLM": "remote.RemoteModel"}}))
     (model / "remote.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
-    assert load_config(TINY).run.trust_remote_code is False and models.TRUST_REMOTE_CODE is False
+    assert load_config(TINY).run.trust_remote_code is False
     with pytest.raises(UserError, match=str(model)) as info:
         models.load_model(str(model), what="sft.input")
     assert info.value.exit_code == 2

@@ -47,7 +47,8 @@ def eval_settings(cfg: PipelineConfig, n_prompts: int, baseline: str = BASELINE)
             "temperatures": temperatures(cfg), "top_p": cfg.eval.top_p,
             "max_new_tokens": cfg.eval.max_new_tokens or cfg.ppo.max_new_tokens,
             "min_new_tokens": cfg.ppo.min_new_tokens, "baseline": baseline,
-            "kl_budget": cfg.eval.kl_budget, "fluency_text": fluency_source(cfg)}
+            "kl_budget": cfg.eval.kl_budget, "fluency_text": fluency_source(cfg),
+            "trust_remote_code": cfg.run.trust_remote_code}
 
 
 def _demo_data(cfg: PipelineConfig, source: str | None, data_dir: Path) -> None:
@@ -108,11 +109,14 @@ def evaluate_policies(policies: dict[str, str], *, reference: str, prompts: list
 
     assert settings["n_prompts"] == len(prompts), (settings["n_prompts"], len(prompts))
     baseline = settings["baseline"]
-    tokenizer = load_tokenizer(reference, what="eval reference")
-    judge = RewardModelScorer(settings["judge"], device) if is_model_judge(settings["judge"]) else load_judge(settings["judge"])
-    reward_scorer = RewardModelScorer(reward_model, device) if reward_model else None
-    ref_model = load_model(reference, what="eval reference").to(device).eval()
-    models = {name: ref_model if Path(path) == Path(reference) else load_model(path, what=f"eval policy {name}").to(device).eval()
+    trust = settings.get("trust_remote_code", False)
+    tokenizer = load_tokenizer(reference, what="eval reference", trust_remote_code=trust)
+    judge = (RewardModelScorer(settings["judge"], device, trust_remote_code=trust) if is_model_judge(settings["judge"])
+             else load_judge(settings["judge"]))
+    reward_scorer = RewardModelScorer(reward_model, device, trust_remote_code=trust) if reward_model else None
+    ref_model = load_model(reference, what="eval reference", trust_remote_code=trust).to(device).eval()
+    models = {name: ref_model if Path(path) == Path(reference) else
+              load_model(path, what=f"eval policy {name}", trust_remote_code=trust).to(device).eval()
               for name, path in policies.items()}
     limits = guards.GuardLimits(kl_budget=settings["kl_budget"])
     kept = sorted(random.Random(settings["seed"]).sample(range(len(prompts)), min(SAMPLES_KEPT, len(prompts))))

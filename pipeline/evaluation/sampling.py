@@ -48,11 +48,12 @@ class RewardModelScorer:
     followed by EOS, and read at the last token, where the reward trainer pooled.
     """
 
-    def __init__(self, path: str, device: str = "cpu", batch_size: int = 32):
+    def __init__(self, path: str, device: str = "cpu", batch_size: int = 32, trust_remote_code: bool = False):
         from pipeline.models import load_model, load_tokenizer
 
-        self.tokenizer = load_tokenizer(path, what="reward model")
-        self.model = TokenValueModel(load_model(path, kind="seq_cls", what="reward model")).to(device).eval()
+        self.tokenizer = load_tokenizer(path, what="reward model", trust_remote_code=trust_remote_code)
+        self.model = TokenValueModel(load_model(path, kind="seq_cls", what="reward model",
+                                                trust_remote_code=trust_remote_code)).to(device).eval()
         self.device, self.batch_size = device, batch_size
 
     @torch.no_grad()

@@ -142,7 +142,7 @@ def build_policy_models(ctx: StageContext, tokenizer, total_updates: int) -> tup
     cfg = ctx.section
     ds = deepspeed_configs(ctx, total_updates)
     with zero3_init(ds.actor):
-        actor = load_model(ctx.input_path("actor"), what="ppo.input")
+        actor = load_model(ctx.input_path("actor"), what="ppo.input", trust_remote_code=ctx.trust_remote_code)
     check_model_tokenizer(actor, tokenizer, "ppo.input")
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
@@ -155,7 +155,8 @@ def build_policy_models(ctx: StageContext, tokenizer, total_updates: int) -> tup
     reference = None
     if cfg.lora is None:  # with LoRA, the reference is the actor's base with adapters disabled
         with zero3_init(ds.frozen):
-            reference = _engine(load_model(ctx.input_path("actor"), what="ppo.input"), ds.frozen)
+            reference = _engine(load_model(ctx.input_path("actor"), what="ppo.input", trust_remote_code=ctx.trust_remote_code),
+                                ds.frozen)
     return actor_engine, reference
 
 
@@ -168,7 +169,7 @@ def build_value_models(ctx: StageContext, tokenizer, total_updates: int) -> tupl
         # A critic may start from any checkpoint (a new one-output head is made if needed);
         # a reward model must already be a one-output classifier.
         kwargs = {"num_labels": 1, "ignore_mismatched_sizes": True} if fresh_head_ok else {}
-        classifier = load_model(ctx.input_path(key), kind="seq_cls", what=what, **kwargs)
+        classifier = load_model(ctx.input_path(key), kind="seq_cls", what=what, trust_remote_code=ctx.trust_remote_code, **kwargs)
         if classifier.config.num_labels != 1:
             raise UserError(f"{what}: {ctx.input_path(key)} has {classifier.config.num_labels} outputs; "
                             "a reward model must have exactly one")

@@ -24,7 +24,7 @@ def _merged_lora(ctx: StageContext, state: dict[str, torch.Tensor]):
     from peft import LoraConfig, get_peft_model
 
     lora = ctx.section.lora
-    base = load_model(ctx.input_path("actor"), what="ppo.input")
+    base = load_model(ctx.input_path("actor"), what="ppo.input", trust_remote_code=ctx.trust_remote_code)
     model = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     model.load_state_dict(state, strict=False)

@@ -145,7 +145,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if cfg.ema_decay is not None and ds_config.zero_stage(deepspeed_configs(ctx, 0).actor) == 3:
         raise UserError("ppo.ema_decay: EMA is supported with ZeRO stages 0-2 (the actor is sharded under ZeRO-3)")
 
-    tokenizer = load_tokenizer(ctx.input_path("actor"), what="ppo.input")
+    tokenizer = load_tokenizer(ctx.input_path("actor"), what="ppo.input", trust_remote_code=ctx.trust_remote_code)
     tokenizer.padding_side = "left"
     data = load_stage_rows(cfg.data, "ppo", split="train", data_dir=ctx.run_dir.data_dir, what="ppo")
     prompts = list(data.rows["prompt"])

@@ -193,10 +193,8 @@ def serve(conn, ctx: StageContext, tokenizer, total_updates: int, threads: int, 
 def _build(ctx: StageContext, tokenizer, total_updates: int):
     import transformers
 
-    from pipeline import models as model_loading
     from stages.ppo.engines import PPOModels, build_value_models
 
-    model_loading.TRUST_REMOTE_CODE = ctx.config.run.trust_remote_code
     transformers.set_seed(ctx.config.run.seed)  # a fresh critic head is initialised the same every run
     critic, reward = build_value_models(ctx, tokenizer, total_updates)
     critic.eval()  # no dropout: the values of the update must match those of the scoring
