@@ -28,9 +28,12 @@ def test_shipped_config_resolves_with_existing_presets(path):
     for stage in STAGE_ORDER:
         section = cfg.stage(stage)
         ds = cfg.stage_deepspeed(stage)
-        resolved = ds_config.resolve(ds.config, micro_batch=section.batch_size, grad_accum=section.grad_accum,
+        # PPO steps once per minibatch (split over the ranks); the Trainer stages by micro-batch x accumulation
+        micro, accum = ((section.minibatch_size // ds.world_size, 1) if stage == "ppo"
+                        else (section.batch_size, section.grad_accum))
+        resolved = ds_config.resolve(ds.config, micro_batch=micro, grad_accum=accum,
                                      world_size=ds.world_size, max_grad_norm=section.max_grad_norm)
-        assert resolved["train_batch_size"] == section.batch_size * section.grad_accum * ds.world_size
+        assert resolved["train_batch_size"] == micro * accum * ds.world_size
         assert "auto" not in str(resolved["train_micro_batch_size_per_gpu"])
 
 
