@@ -206,6 +206,36 @@ def load_rows(
     return ds.select_columns(keep)
 
 
+def check_first_row(data: DataSection, stage: str, what: str) -> None:
+    """Before anything is written or launched: the first row of each local JSONL file of a stage fits one of
+    the stage's formats (the stage itself checks every row before training). Other sources are left to it."""
+    for split in ("train", "eval"):
+        source = data.train if split == "train" else data.eval
+        if not source or source.startswith(movie_reviews.PREFIX) or Path(source).suffix != ".jsonl":
+            continue
+        path = Path(source).expanduser()
+        if not path.is_file():
+            continue  # preflight names a missing file
+        with open(path, encoding="utf-8", errors="replace") as f:
+            try:
+                first = next((row for _, row in json_lines(f)), None)
+            except BadJsonLine as bad:
+                raise DataError(f"{what}.data.{split}: {path}: {bad}") from None
+        if not isinstance(first, dict):
+            raise DataError(f"{what}.data.{split}: {path}: " + ("file is empty" if first is None
+                                                                 else "line 1: expected a JSON object"))
+        renamed = {ours: first[theirs] for ours, theirs in data.columns.items() if theirs in first}
+        row = {**{k: v for k, v in first.items() if k not in data.columns.values()}, **renamed}
+        fmt = schemas.detect(stage, row) if data.format == "auto" else data.format
+        if fmt is None:
+            raise DataError(f"{path}: row 1: no {stage} format fits the fields ({', '.join(first)}); expected "
+                            f"{schemas.EXPECTED[stage]} (rename with {what}.data.columns)")
+        try:
+            schemas.ROW[stage](fmt, row)
+        except schemas.RowProblem as problem:
+            raise DataError(f"{path}: row 1: {problem} (format '{fmt}')") from None
+
+
 @dataclass
 class StageRows:
     """A stage's rows in the form `pipeline.schemas` gives them, the format they had, and where they came from."""

@@ -89,6 +89,10 @@ def generate_file(checkpoint: str, prompts_path: str, out: str | None, sampling:
     sampling.validate()
     if batch_size < 1:
         raise UserError(f"--batch-size: must be >= 1 (got {batch_size})")
+    if out is not None and Path(out).is_dir():
+        raise UserError(f"--out: {out} is a directory; give a file path such as {Path(out) / 'responses.jsonl'}")
+    if out is not None and not Path(out).parent.is_dir():
+        raise UserError(f"--out: directory {Path(out).parent} does not exist")
     prompts = read_prompts(prompts_path)
     model, tokenizer, device = load_checkpoint(checkpoint)
     texts, _ = generate(model, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,

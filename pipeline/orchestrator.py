@@ -21,7 +21,8 @@ from pipeline.checkpoint import atomic_write_text, complete_checkpoints, read_js
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config, read_yaml
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import check_per_node, launcher_command, launcher_env, node_rank, release_shm, run_launcher
-from pipeline.rundir import RunDir, RunLock, completed_final, load_run_config, stage_fingerprint, stage_inputs
+from pipeline.rundir import (RunDir, RunLock, check_new_run_dir, completed_final, load_run_config, require_run_dir,
+                             stage_fingerprint, stage_inputs)
 from pipeline.sharding import describe as describe_sharding
 
 
@@ -74,6 +75,11 @@ def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str
             raise UserError(f"{INPUT_KEYS[stage][key]}: path not found: {path}")
     if stage == "ppo" and cfg.eval.enabled:  # the stage ends by judging its policy
         from pipeline.evaluation.judges import check_judge
+
+        prompts = cfg.eval.prompts
+        if prompts and not prompts.startswith(movie_reviews.PREFIX) and Path(prompts).suffix and \
+                not Path(prompts).expanduser().exists():
+            raise UserError(f"eval.prompts: data file not found: {prompts}")
 
         check_judge(cfg.eval.judge, (inputs.get("reward_model") or {}).get("path"))
 
@@ -235,10 +241,34 @@ def wait_for_config(run_dir: RunDir, cfg: PipelineConfig, node: int, timeout_s: 
         time.sleep(1.0)
 
 
+def inputs_before_running(cfg: PipelineConfig, stage: str, run_dir: RunDir, earlier: list[str]) -> dict[str, Any]:
+    """A stage's inputs as far as they are known before anything runs: an input an earlier selected stage
+    will make is left out (None); one no stage will make must exist now."""
+    try:
+        return stage_inputs(cfg, stage, run_dir)
+    except UserError:
+        if not earlier:
+            raise
+        given = {key: getattr(cfg.stage(stage), name.split(".", 1)[1]) for key, name in INPUT_KEYS[stage].items()}
+        return {key: {"path": path} if path else None for key, path in given.items()}
+
+
+def check_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]) -> None:
+    """Everything that can be checked without training, for every selected stage, before `rlhf run`
+    writes config.yaml or launches: the run dir, data files and their first rows, model paths, the judge."""
+    from pipeline.data import check_first_row
+
+    check_new_run_dir(run_dir.root)
+    for i, stage in enumerate(stages):
+        preflight(cfg, stage, run_dir, inputs_before_running(cfg, stage, run_dir, stages[:i]))
+        check_first_row(cfg.stage(stage).data, stage, stage)
+
+
 def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run_dir: str | None) -> RunDir:
     cfg = load_config(config_path, overrides)
     rd = RunDir(Path(run_dir) if run_dir else default_run_dir(cfg))
     selected = select_stages(cfg, stages)
+    check_before_writing(cfg, rd, selected)
     node = node_rank()
     if node:  # another node: node 0 holds the run lock, writes the run dir and evaluates
         wait_for_config(rd, cfg, node)
@@ -257,7 +287,7 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
 
 def resume_pipeline(run_dir: str, stage: str | None, from_path: str | None, force: bool) -> RunDir:
     """Continue a run with the config it was started with: finished stages are skipped."""
-    rd = RunDir(Path(run_dir))
+    rd = require_run_dir(Path(run_dir))
     cfg = load_run_config(rd)
     if from_path is not None and stage is None:
         raise UserError("--from needs --stage (which stage the checkpoint belongs to)")
@@ -267,6 +297,9 @@ def resume_pipeline(run_dir: str, stage: str | None, from_path: str | None, forc
         path = Path(from_path)
         if not path.is_dir():
             raise UserError(f"--from: checkpoint dir not found: {path}")
+        if not path.name.startswith("checkpoint-") or path.resolve().parent != rd.stage_dir(stages[0]).resolve():
+            raise UserError(f"--from: {path} is not a checkpoint of stage '{stages[0]}' of this run "
+                            f"(expected {rd.stage_dir(stages[0])}/checkpoint-N)")
         resume_from[stages[0]] = path.resolve()
     node = node_rank()
     if node:  # another node: it only launches; node 0 holds the run lock
@@ -299,8 +332,7 @@ def stage_state(run_dir: RunDir, stage: str) -> dict[str, Any]:
 
 
 def status_lines(run_dir: RunDir) -> list[str]:
-    if not run_dir.root.exists():
-        raise UserError(f"{run_dir.root}: run dir not found")
+    run_dir = require_run_dir(run_dir.root)
     lines = [f"run dir: {run_dir.root}"]
     for stage in STAGE_ORDER:
         info = stage_state(run_dir, stage)

@@ -20,7 +20,7 @@ from pipeline.checkpoint import atomic_write_text, read_json
 from pipeline.config import STAGE_ORDER
 from pipeline.errors import UserError
 from pipeline.evaluation.guards import suspected
-from pipeline.rundir import RunDir, completed_final
+from pipeline.rundir import RunDir, completed_final, require_run_dir
 
 Series = list[tuple[int, float]]
 
@@ -184,9 +184,7 @@ def find_eval_results(rd: RunDir) -> tuple[dict[str, Any] | None, str]:
 
 def build_report(run_dir: str) -> Path:
     """Write the plots and report.md under RUN_DIR/report; returns the report's path."""
-    rd = RunDir(Path(run_dir))
-    if not rd.root.is_dir():
-        raise UserError(f"{rd.root}: run dir not found")
+    rd = require_run_dir(Path(run_dir))  # never writes a report into a folder that is not a run
     out = rd.root / "report"
     out.mkdir(exist_ok=True)
     for old in out.glob("*.png"):  # a plot whose data is gone must not linger beside the new report

@@ -108,6 +108,29 @@ def stage_fingerprint(cfg: PipelineConfig, stage: str, inputs: dict[str, dict[st
     )
 
 
+def require_run_dir(path: Path, what: str = "run dir") -> "RunDir":
+    """The run dir at `path`, or one line saying why `path` is not one (a file, missing, no config.yaml)."""
+    rd = RunDir(Path(path))
+    if rd.root.is_file():
+        raise UserError(f"{rd.root}: is a file, not a {what}")
+    if not rd.root.is_dir():
+        raise UserError(f"{rd.root}: {what} not found")
+    if not rd.config_path.is_file():
+        raise UserError(f"{rd.root}: not a run dir (no config.yaml; `rlhf run` makes one)")
+    return rd
+
+
+def check_new_run_dir(path: Path) -> None:
+    """Before `rlhf run` writes anything: the run dir must be a directory (or creatable) and writable."""
+    if path.is_file():
+        raise UserError(f"--run-dir: {path} is a file, not a directory")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"--run-dir: {existing} is a file, so {path} cannot be created")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--run-dir: {existing} is not writable")
+
+
 class RunLock:
     """An exclusive lock on a run dir, so two `rlhf` processes never write the same run."""
 

@@ -17,7 +17,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import (BASELINE, eval_settings, evaluate_policies, format_table,
                                           load_fluency_model, load_prompts)
 from pipeline.evaluation.judges import check_judge
-from pipeline.rundir import RunDir, RunLock, completed_final, load_run_config
+from pipeline.rundir import RunDir, RunLock, completed_final, load_run_config, require_run_dir
 from pipeline.typed import to_dict
 
 
@@ -165,9 +165,7 @@ def run_eval_command(run_dir: str, include_base: bool, num_prompts: int | None, 
     """`rlhf eval`: the run's own config, under the run lock so no stage rewrites a checkpoint meanwhile.
     `prompts_source` and `seed` replace eval.prompts and eval.seed for this evaluation only. With
     `strict`, a fired guard raises `HackingSuspected` (exit 2) after the results are written."""
-    rd = RunDir(Path(run_dir))
-    if not rd.root.is_dir():
-        raise UserError(f"{rd.root}: run dir not found")
+    rd = require_run_dir(Path(run_dir))
     cfg = load_run_config(rd)
     with RunLock(rd):
         policies = find_policies(rd, include_base)
