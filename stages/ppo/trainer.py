@@ -249,7 +249,7 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
             **{f"ppo/{k}": v for k, v in train_stats.items()},
             "ppo/reward_mean": float(raw_scores.mean()), "ppo/reward_std": float(all_gather_cat(raw_scores).std()),
             "ppo/kl_to_ref": float(seq_kl.mean()), "ppo/kl_coef": kl_ctl.value,
-            # per response by ppo.kl_estimator (kl_to_ref is k1): kl_coef times it is the reward's penalty
+            # per response, by ppo.kl_estimator (kl_to_ref is k1's): the KL the penalty uses
             "ppo/kl_estimate": float(maths.masked_sum(kl, r.mask, dim=1).mean()),
             "ppo/response_length": float(r.mask.sum(-1).mean()), "ppo/eos_fraction": float(r.ended.float().mean()),
             "ppo/advantage_mean": float(maths.masked_mean(adv, r.mask)),
