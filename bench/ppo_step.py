@@ -1,6 +1,7 @@
 """Benchmark: seconds per PPO step of our stage on a fixed tiny setting, on CPU ranks.
 
     python bench/ppo_step.py [--steps 30] [--warmup 5] [--out bench/results/ppo_step.json]
+    python bench/ppo_step.py --sizes     # three model sizes against a bare-PyTorch loop (bench/sizes.py)
 
 It builds a fixed setting in a temp dir (tokenizer, policy, reward/value model, prompts), then runs
 the real stage through the CLI (`rlhf run` on a PPO-only config) three times: 1 rank ZeRO-0,
@@ -305,7 +306,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated subset of: " + ", ".join(n for n, _, _ in RUNS))
     parser.add_argument("--threads-per-rank", type=int, default=None,
                         help="OMP_NUM_THREADS for every rank (default: 1)")
+    parser.add_argument("--sizes", action="store_true",
+                        help="the same step at 130k, 1.6M (demo) and 25M parameters, each against the bare-PyTorch "
+                             "loop (bench/sizes.py); default --out bench/results/ppo_sizes.json")
+    parser.add_argument("--only", default="130k,1.6M,25M", help="with --sizes: comma-separated subset of sizes")
+    parser.add_argument("--bare-threads", default="1",
+                        help="with --sizes: thread counts for the bare loop, e.g. 1,2 (the fastest is the ceiling)")
     args = parser.parse_args(argv)
+    if args.sizes:
+        import sizes
+
+        names = args.only.split(",")
+        if set(names) - set(sizes.STEPS):
+            parser.error(f"--only: choices are {', '.join(sizes.STEPS)}")
+        out = args.out if "--out" in (argv or sys.argv) else str(ROOT / "bench" / "results" / "ppo_sizes.json")
+        selected = [r for r in RUNS if r[0] in args.runs.split(",")]
+        sizes.main(names, Path(out), args.workdir, selected, tuple(int(t) for t in args.bare_threads.split(",")))
+        return
     if args.steps <= args.warmup:
         parser.error("--steps must exceed --warmup")
     selected = [r for r in RUNS if r[0] in args.runs.split(",")]
