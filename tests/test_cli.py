@@ -302,7 +302,7 @@ def test_unknown_key_exits_2_with_one_line_and_touches_nothing(run):
 
 def test_unknown_key_in_config_file_exits_2(run, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(TINY.read_text() + "sft:\n  lrr: 0.1\n")
+    bad.write_text(TINY.read_text().replace("sft:\n", "sft:\n  lrr: 0.1\n", 1))
     before = snapshot(run.dir)
     result = rlhf("run", bad, "--run-dir", run.dir, "--stages", "pretrain")
     assert result.returncode == 2

@@ -323,7 +323,8 @@ def test_yaml_syntax_error_names_file_line_and_column(run_dir, rlhf_here, tmp_pa
     (["ppo.enabled=true", "deepspeed.num_gpus=3"], ["ppo.rollout_batch_size", "3 ranks", "got 16"]),
     (["ppo.enabled=true", "deepspeed.num_gpus=3", "ppo.rollout_batch_size=24", "ppo.minibatch_size=8"],
      ["ppo.minibatch_size", "3 ranks", "got 8"]),
-    (["ppo.rollout_batch_size=8", "ppo.minibatch_size=16"], ["ppo.minibatch_size", "rollout_batch_size (8)"]),
+    (["ppo.rollout_batch_size=8", "ppo.minibatch_size=16"],
+     ["ppo.minibatch_size", "rollout_batch_size x samples_per_prompt (8)"]),
     (["ppo.clip_range=0"], ["ppo.clip_range:", "must be > 0"]),
     (["ppo.clip_range_value=-0.1"], ["ppo.clip_range_value:", "must be > 0"]),
     (["ppo.gamma=1.5"], ["ppo.gamma", "[0, 1]", "1.5"]),
@@ -404,18 +405,18 @@ def test_hub_id_while_offline_is_refused_at_once(run_dir, rlhf_here):
 LONG = " ".join(["great"] * 300)
 
 
-@pytest.mark.parametrize("name, content, culprit", [
+@pytest.mark.parametrize("name, content, culprit, in_stage", [
     ("wrong-type", [{"prompt": "a", "completion": "b"}, {"prompt": 3, "completion": "d"}],
-     "row 2: field 'prompt' must be a string, got int"),
-    ("blank-file", "\n  \n\n", "file is empty"),
-    ("broken-json", '{"prompt": "a", "completion": "b"}\n{"prompt": "c", oops}\n', "line 2: not valid JSON"),
+     "row 2: field 'prompt' must be a string or a list of turns, got int", True),
+    ("blank-file", "\n  \n\n", "file is empty", False),  # the first row is checked before anything launches
+    ("broken-json", '{"prompt": "a", "completion": "b"}\n{"prompt": "c", oops}\n', "line 2: not valid JSON", True),
 ], ids=["wrong-type", "blank-file", "broken-json"])
-def test_bad_data_stops_the_stage(run_dir, rlhf_here, tmp_path, name, content, culprit):
+def test_bad_data_stops_the_stage(run_dir, rlhf_here, tmp_path, name, content, culprit, in_stage):
     path = tmp_path / f"{name}.jsonl"
     write_jsonl(path, content) if isinstance(content, list) else path.write_text(content)
     before = checkpoint_files(run_dir)
     result = rlhf_here(*run_args(run_dir, "sft", f"sft.data.train={path}"))
-    refused(result, "stage 'sft' failed", str(path), culprit)
+    refused(result, *(["stage 'sft' failed"] if in_stage else []), str(path), culprit)
     assert not (run_dir / "sft" / "final").exists() and not complete_checkpoints(run_dir / "sft")
     assert_untouched(run_dir, before)
 
@@ -442,11 +443,13 @@ def test_identical_pairs_are_warned_about_with_a_count(capsys):
 
     from datasets import Dataset
 
+    from pipeline.data import StageRows
     from stages.reward import prepare
 
     rows = Dataset.from_list([{"chosen": "a", "rejected": "a"}, {"chosen": "a", "rejected": "b"},
                               {"chosen": "c", "rejected": "c"}])
-    assert prepare(rows, SimpleNamespace(chat_template=None), "train", is_main=True) is rows  # kept, not dropped
+    data = StageRows(rows, "preference", "pairs.jsonl")
+    assert prepare(data, SimpleNamespace(chat_template=None), "train", is_main=True) is rows  # kept, not dropped
     assert "warning: 2 of 3 train pairs have chosen == rejected" in capsys.readouterr().out
 
 
@@ -484,10 +487,11 @@ def test_interrupted_stage_of_another_config_is_not_resumed(pretrained, rlhf_her
 
 
 def test_traceback_only_with_debug(run_dir, rlhf_here, tmp_path):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}])
+    # row 1 is fine (checked before launch), row 2 is not: the stage process finds it
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
     args = run_args(run_dir, "sft", f"sft.data.train={bad}")
     plain = rlhf_here(*args)
-    refused(plain, "field 'completion' is missing")  # and no traceback
+    refused(plain, "row 2: field 'completion' is missing")  # and no traceback
     debug = rlhf_here("--debug", *args)
     assert debug.code == 2 and "Traceback" in debug.stdout and "field 'completion' is missing" in debug.stderr
     before_launch = rlhf_here("--debug", *run_args(run_dir, "sft", "sft.lr=0"))

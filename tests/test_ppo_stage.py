@@ -649,7 +649,7 @@ def test_zero3_update_gathers_a_model_within_the_live_budget_once_and_trains_as_
     gen = torch.Generator().manual_seed(0)
     old_logprobs, advantages = -torch.rand(n, t, generator=gen) - 1.0, torch.randn(n, t, generator=gen)
     old_values, returns = torch.randn(n, t, generator=gen), torch.randn(n, t, generator=gen)
-    cfg = SimpleNamespace(temperature=1.0, clip_range=0.2, entropy_coef=0.01)
+    cfg = SimpleNamespace(temperature=1.0, clip_range=0.2, entropy_coef=0.01, loss_agg="token_mean", kl_in="reward")
 
     def weights(models) -> dict[str, torch.Tensor]:
         out = {}
@@ -669,7 +669,7 @@ def test_zero3_update_gathers_a_model_within_the_live_budget_once_and_trains_as_
         before, linear = weights(models), F.linear
         fetched.clear()
         for _ in range(2):
-            update.actor_update(models, r, old_logprobs, advantages, cfg)
+            update.actor_update(models, r, old_logprobs, advantages, cfg, old_logprobs, kl_coef=0.0)
             update.critic_update(models, r, old_values, returns, clip_range_value=0.2)
         assert bool(fetched) == (live == 100)  # per-module fetch only over the budget
         assert F.linear is linear
