@@ -88,9 +88,10 @@ def full_inputs(ids, mask, responses):
 
 def response_logprobs(model, ids, mask, responses) -> torch.Tensor:
     seq, attn, pos = full_inputs(ids, mask, responses)
-    width = ids.shape[1]
-    logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False).logits
-    logits = logits[:, width - 1 : -1].float()
+    # the LM head only where a response token is predicted (the last T+1 positions)
+    logits = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False,
+                   logits_to_keep=responses.shape[1] + 1).logits
+    logits = logits[:, :-1].float()
     return torch.gather(logits.log_softmax(-1), 2, responses[..., None]).squeeze(-1)
 
 

@@ -135,7 +135,8 @@ def device_figures(device) -> dict:
     """Bandwidth and peak bf16 FLOP/s: the data-sheet table by device name, else measured here."""
     import torch
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    cpu = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu})"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # measured: a copy of 1 GiB (32 MiB on CPU), read + write; a square matmul
     n = (2**30 if device.type == "cuda" else 2**25) // 4
@@ -286,7 +287,8 @@ def check_model(name: str, args, device, dtype, figures: dict) -> dict:
 
     def hf_generate():
         torch.manual_seed(7)
-        return plain.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=args.new_tokens,
+        return plain.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
+                              max_new_tokens=args.new_tokens,
                               min_new_tokens=args.new_tokens, pad_token_id=config.pad_token_id,
                               eos_token_id=config.eos_token_id)[:, args.prompt_len:]
 
@@ -382,7 +384,8 @@ def table(result: dict) -> str:
         f"GPU check on {d['name']} ({s['dtype']}, 1 rank, ZeRO-3 engines as the PPO stage builds them)",
         f"  bandwidth {d['bandwidth_bytes_per_s'] / 1e12:.3g} TB/s ({d['bandwidth_source']}); peak "
         f"{d['peak_flops'] / 1e12:.4g} TFLOP/s ({d['peak_flops_source']})",
-        f"  rollout: {s['batch']} prompts x {s['prompt_len']} tokens, {s['new_tokens']} new tokens (all rows full length);"
+        f"  rollout: {s['batch']} prompts x {s['prompt_len']} tokens, {s['new_tokens']} new tokens (all rows full "
+        "length);"
         f" update: minibatch {s['minibatch']}",
         "",
         f"  {'model':<13} {'params':>8} {'ours gathered':>14} {'DS fetch':>9} {'HF gen':>9} {'plain':>9} "
@@ -427,7 +430,8 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if use_cuda else torch.float32
     figures = device_figures(device)
     print(f"[gpu_check] {figures['name']}: {figures['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s "
-          f"({figures['bandwidth_source']}), {figures['peak_flops'] / 1e12:.1f} TFLOP/s ({figures['peak_flops_source']})",
+          f"({figures['bandwidth_source']}), {figures['peak_flops'] / 1e12:.1f} TFLOP/s "
+          f"({figures['peak_flops_source']})",
           flush=True)
     models = {name: check_model(name, args, device, dtype, figures) for name in args.models}
     result = {

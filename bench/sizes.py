@@ -288,7 +288,8 @@ def report(result: dict) -> str:
     lines += [
         "  (steps: steps measured; tok/s: generated tokens per second of whole step, all ranks; peak RSS: VmHWM of",
         "   each process, rN = rank N, rNv = rank N's value process (critic + reward model); load: highest 1-minute",
-        "   load average seen during the run; bare Nthr: the bare loop on N threads, * the faster, used as the ceiling)",
+        "   load average seen during the run; bare Nthr: the bare loop on N threads, * the faster, used as the",
+        "   ceiling)",
         "",
         f"  {'size':<5} {'1 rank ZeRO-0 / bare':>21} {'target':>7} {'ZeRO-3 / ZeRO-2':>16} {'target':>7}",
     ]
