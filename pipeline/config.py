@@ -256,6 +256,11 @@ class PPOSection(Optimisation):
     actor_deepspeed: dict[str, Any] = doc({}, "DeepSpeed overrides for the actor.")
     critic_deepspeed: dict[str, Any] = doc({}, "DeepSpeed overrides for the critic.")
 
+    @property
+    def uses_critic(self) -> bool:
+        """Only GAE needs a critic; grpo, rloo and reinforce_pp build three models, not four."""
+        return self.advantage_estimator == "gae"
+
     def validate(self, p: str) -> None:
         super().validate(p)
         for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length"):

@@ -90,7 +90,7 @@ def trained_stage_specs(cfg: PipelineConfig, stage: str, run_dir: RunDir) -> lis
 def ppo_specs(cfg: PipelineConfig, run_dir: RunDir) -> list[EngineSpec]:
     ds, actor = ppo_ds(cfg), stage_source(cfg, "ppo", "input", run_dir)
     specs = [EngineSpec("actor", actor, CAUSAL_LM, ds["actor"], True, cfg.ppo.lora, "ppo.lora")]
-    if cfg.ppo.advantage_estimator == "gae":  # grpo, rloo and reinforce_pp build no critic
+    if cfg.ppo.uses_critic:
         specs.append(EngineSpec("critic", stage_source(cfg, "ppo", "critic", run_dir), SEQ_CLS, ds["critic"], True))
     if cfg.ppo.lora is None:  # with LoRA the actor's base, adapters off, is the reference
         specs.append(EngineSpec("reference", actor, CAUSAL_LM, ds["frozen"], False))

@@ -177,7 +177,7 @@ def build_value_models(ctx: StageContext, tokenizer, total_updates: int) -> tupl
         return TokenValueModel(classifier)
 
     critic_engine = None  # grpo, rloo, reinforce_pp: three models, no critic
-    if cfg.advantage_estimator == "gae":
+    if cfg.uses_critic:
         with zero3_init(ds.critic):
             critic = value_model("critic", "ppo.critic", fresh_head_ok=True)
         critic_engine = _engine(critic, ds.critic, cfg.critic_lr, cfg.weight_decay, ds.scheduler)

@@ -104,8 +104,8 @@ def cores_split(value_runner) -> Iterator[None]:
 def start_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[PPOModels, InProcess | ValueProcess]:
     """The four engines, with the critic and reward model in a value process where that pays."""
     ds = deepspeed_configs(ctx, total_updates)
-    has_critic = ctx.section.advantage_estimator == "gae"  # a lone reward model is not worth a process
-    if not has_critic or not wants_value_process(ctx, (ds_config.zero_stage(ds.actor), ds_config.zero_stage(ds.critic))):
+    # a lone reward model is not worth a second process
+    if not ctx.section.uses_critic or not wants_value_process(ctx, (ds_config.zero_stage(ds.actor), ds_config.zero_stage(ds.critic))):
         models = build_models(ctx, tokenizer, total_updates)
         return models, InProcess(models)
     values = ValueProcess(ctx, tokenizer, total_updates, threads=max(1, torch.get_num_threads() // 2))
@@ -211,10 +211,10 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
         # 1. rollout
         sync(device)
         t0 = time.perf_counter()
-        # each prompt `samples_per_prompt` times in consecutive rows: a group stays on this rank
-        batch = [prompt_ids[i] for i in prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world,
-                                                        ctx.config.run.seed) for _ in range(cfg.samples_per_prompt)]
-        ids, mask = left_pad(batch, tokenizer.pad_token_id, device)
+        # the prompt of each rollout row: each prompt `samples_per_prompt` times in a row, a group on this rank
+        row_prompt = [i for i in prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world,
+                                                ctx.config.run.seed) for _ in range(cfg.samples_per_prompt)]
+        ids, mask = left_pad([prompt_ids[i] for i in row_prompt], tokenizer.pad_token_id, device)
         r = xp.rollout(models.actor, ids, mask, cfg, tokenizer, generator)
         sync(device)
         timings["rollout"] = time.perf_counter() - t0
@@ -273,9 +273,7 @@ def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts
                   f"{step_stats['time/step_s']:.2f}s/step", flush=True)
         if ctx.is_main and (step + 1) % ctx.config.tracking.sample_every == 0:
             texts = tokenizer.batch_decode(r.responses, skip_special_tokens=True)
-            shown = [i for i in prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world,
-                                               ctx.config.run.seed) for _ in range(cfg.samples_per_prompt)]
-            table = [[prompt_text(prompts[i]), t, float(s)] for i, t, s in zip(shown, texts, raw_scores)]
+            table = [[prompt_text(prompts[i]), t, float(s)] for i, t, s in zip(row_prompt, texts, raw_scores)]
             ctx.tracker.log_table("ppo/samples", ["prompt", "response", "reward"], table, step=step + 1)
 
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:

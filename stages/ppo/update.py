@@ -68,7 +68,7 @@ def update(models, exp: xp.Experience, cfg, minibatch_size: int, generator: torc
         for start in range(0, n, minibatch_size):
             idx = order[start : start + minibatch_size]
             r = minibatch(exp.rollout, idx)
-            if cfg.advantage_estimator == "gae":  # the critic-free estimators build no critic
+            if cfg.uses_critic:
                 critic_steps.append(value_runner.submit(critic_update, r, exp.values[idx], exp.returns[idx],
                                                         cfg.clip_range_value))
             for key, value in actor_update(models, r, exp.logprobs[idx], exp.advantages[idx], cfg,
