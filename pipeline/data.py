@@ -226,14 +226,16 @@ def check_first_row(data: DataSection, stage: str, what: str) -> None:
                                                                  else "line 1: expected a JSON object"))
         renamed = {ours: first[theirs] for ours, theirs in data.columns.items() if theirs in first}
         row = {**{k: v for k, v in first.items() if k not in data.columns.values()}, **renamed}
-        fmt = schemas.detect(stage, row) if data.format == "auto" else data.format
-        if fmt is None:
-            raise DataError(f"{path}: row 1: no {stage} format fits the fields ({', '.join(first)}); expected "
-                            f"{schemas.EXPECTED[stage]} (rename with {what}.data.columns)")
-        try:
-            schemas.ROW[stage](fmt, row)
-        except schemas.RowProblem as problem:
-            raise DataError(f"{path}: row 1: {problem} (format '{fmt}')") from None
+        schemas.normalise(stage, row_format(data, stage, row, str(path), what), [row], str(path))
+
+
+def row_format(data: DataSection, stage: str, first_row: dict[str, Any], where: str, what: str) -> str:
+    """The declared `data.format`, or the one the first row's fields show; a row that fits none stops here."""
+    fmt = schemas.detect(stage, first_row) if data.format == "auto" else data.format
+    if fmt is None:
+        raise DataError(f"{where}: row 1: no {stage} format fits the fields ({', '.join(first_row)}); "
+                        f"expected {schemas.EXPECTED[stage]} (rename with {what}.data.columns)")
+    return fmt
 
 
 @dataclass
@@ -255,10 +257,7 @@ def load_stage_rows(data: DataSection, stage: str, *, split: str, data_dir: Path
         return None
     where = resolve_source(data.train if split == "train" else data.eval, data_dir)
     first = ds[0]
-    fmt = schemas.detect(stage, first) if data.format == "auto" else data.format
-    if fmt is None:
-        raise DataError(f"{where}: row 1: no {stage} format fits the fields ({', '.join(ds.column_names)}); "
-                        f"expected {schemas.EXPECTED[stage]} (rename with {what}.data.columns)")
+    fmt = row_format(data, stage, first, where, what)
     keep = schemas.columns_of(stage, fmt, first)
     missing = [c for c in keep if c not in ds.column_names]
     if missing:

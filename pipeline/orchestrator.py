@@ -60,14 +60,19 @@ def uses_movie_reviews(cfg: PipelineConfig, stages: list[str]) -> bool:
     return any(s and s.startswith(movie_reviews.PREFIX) for s in sources)
 
 
+def missing_local_data(source: str | None) -> bool:
+    """A data source that names a local file or path (not the demo's splits, not a hub name) that is not there."""
+    return bool(source) and not source.startswith(movie_reviews.PREFIX) and (
+        Path(source).suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/", "~"))
+    ) and not Path(source).expanduser().exists()
+
+
 def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str, Any]) -> None:
     """Fail in a second, not after a launch: local data and model paths must exist."""
     section = cfg.stage(stage)
     for split in ("train", "eval"):
         source = getattr(section.data, split)
-        if source and not source.startswith(movie_reviews.PREFIX) and (
-            Path(source).suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/", "~"))
-        ) and not Path(source).expanduser().exists():
+        if missing_local_data(source):
             raise UserError(f"{stage}.data.{split}: data file not found: {source}")
     for key, entry in inputs.items():
         path = entry and entry["path"]
@@ -76,11 +81,8 @@ def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str
     if stage == "ppo" and cfg.eval.enabled:  # the stage ends by judging its policy
         from pipeline.evaluation.judges import check_judge
 
-        prompts = cfg.eval.prompts
-        if prompts and not prompts.startswith(movie_reviews.PREFIX) and Path(prompts).suffix and \
-                not Path(prompts).expanduser().exists():
-            raise UserError(f"eval.prompts: data file not found: {prompts}")
-
+        if missing_local_data(cfg.eval.prompts):
+            raise UserError(f"eval.prompts: data file not found: {cfg.eval.prompts}")
         check_judge(cfg.eval.judge, (inputs.get("reward_model") or {}).get("path"))
 
 
@@ -241,18 +243,6 @@ def wait_for_config(run_dir: RunDir, cfg: PipelineConfig, node: int, timeout_s: 
         time.sleep(1.0)
 
 
-def inputs_before_running(cfg: PipelineConfig, stage: str, run_dir: RunDir, earlier: list[str]) -> dict[str, Any]:
-    """A stage's inputs as far as they are known before anything runs: an input an earlier selected stage
-    will make is left out (None); one no stage will make must exist now."""
-    try:
-        return stage_inputs(cfg, stage, run_dir)
-    except UserError:
-        if not earlier:
-            raise
-        given = {key: getattr(cfg.stage(stage), name.split(".", 1)[1]) for key, name in INPUT_KEYS[stage].items()}
-        return {key: {"path": path} if path else None for key, path in given.items()}
-
-
 def check_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]) -> None:
     """Everything that can be checked without training, for every selected stage, before `rlhf run`
     writes config.yaml or launches: the run dir, data files and their first rows, model paths, the judge."""
@@ -260,7 +250,7 @@ def check_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]
 
     check_new_run_dir(run_dir.root)
     for i, stage in enumerate(stages):
-        preflight(cfg, stage, run_dir, inputs_before_running(cfg, stage, run_dir, stages[:i]))
+        preflight(cfg, stage, run_dir, stage_inputs(cfg, stage, run_dir, upcoming=stages[:i]))
         check_first_row(cfg.stage(stage).data, stage, stage)
 
 

@@ -17,7 +17,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from pipeline.checkpoint import read_manifest
 from pipeline.config import PipelineConfig, load_config, stable_hash
@@ -55,9 +55,12 @@ def completed_final(run_dir: RunDir, stage: str) -> dict[str, Any] | None:
     return manifest if manifest and manifest.get("status") == "complete" else None
 
 
-def _from_stage(run_dir: RunDir, consumer: str, key: str, producer: str) -> dict[str, Any]:
+def _from_stage(run_dir: RunDir, consumer: str, key: str, producer: str,
+                upcoming: Collection[str] = ()) -> dict[str, Any] | None:
     manifest = completed_final(run_dir, producer)
     if manifest is None:
+        if producer in upcoming:
+            return None  # an earlier stage of the same command makes it
         raise UserError(
             f"{consumer}.{key} is not set and stage '{producer}' has no completed checkpoint in "
             f"{run_dir.final_dir(producer)}; run '{producer}' first or set {consumer}.{key}"
@@ -69,18 +72,23 @@ def _given(path: str | None) -> dict[str, Any] | None:
     return None if path is None else {"path": path, "from_stage": None, "config_hash": None}
 
 
-def stage_inputs(cfg: PipelineConfig, stage: str, run_dir: RunDir) -> dict[str, dict[str, Any] | None]:
-    """Where each model a stage starts from comes from: a path given in the config or a previous manifest."""
+def stage_inputs(cfg: PipelineConfig, stage: str, run_dir: RunDir,
+                 upcoming: Collection[str] = ()) -> dict[str, dict[str, Any] | None]:
+    """Where each model a stage starts from comes from: a path given in the config or a previous manifest.
+
+    Before a command runs, `upcoming` names the stages it will run first: an input one of them makes is None
+    for now; any other input must exist already.
+    """
     if stage == "pretrain":
         return {"model": _given(cfg.pretrain.input), "tokenizer": _given(cfg.pretrain.tokenizer)}
     if stage == "sft":
-        return {"model": _given(cfg.sft.input) or _from_stage(run_dir, "sft", "input", "pretrain")}
+        return {"model": _given(cfg.sft.input) or _from_stage(run_dir, "sft", "input", "pretrain", upcoming)}
     if stage == "reward":
-        return {"model": _given(cfg.reward.input) or _from_stage(run_dir, "reward", "input", "sft")}
+        return {"model": _given(cfg.reward.input) or _from_stage(run_dir, "reward", "input", "sft", upcoming)}
     if stage == "ppo":
-        reward = _given(cfg.ppo.reward_model) or _from_stage(run_dir, "ppo", "reward_model", "reward")
+        reward = _given(cfg.ppo.reward_model) or _from_stage(run_dir, "ppo", "reward_model", "reward", upcoming)
         return {
-            "actor": _given(cfg.ppo.input) or _from_stage(run_dir, "ppo", "input", "sft"),
+            "actor": _given(cfg.ppo.input) or _from_stage(run_dir, "ppo", "input", "sft", upcoming),
             "reward_model": reward,
             "critic": _given(cfg.ppo.critic) or reward,
         }
@@ -108,13 +116,13 @@ def stage_fingerprint(cfg: PipelineConfig, stage: str, inputs: dict[str, dict[st
     )
 
 
-def require_run_dir(path: Path, what: str = "run dir") -> "RunDir":
+def require_run_dir(path: Path) -> "RunDir":
     """The run dir at `path`, or one line saying why `path` is not one (a file, missing, no config.yaml)."""
     rd = RunDir(Path(path))
     if rd.root.is_file():
-        raise UserError(f"{rd.root}: is a file, not a {what}")
+        raise UserError(f"{rd.root}: is a file, not a run dir")
     if not rd.root.is_dir():
-        raise UserError(f"{rd.root}: {what} not found")
+        raise UserError(f"{rd.root}: run dir not found")
     if not rd.config_path.is_file():
         raise UserError(f"{rd.root}: not a run dir (no config.yaml; `rlhf run` makes one)")
     return rd

@@ -56,6 +56,9 @@ CASES = [
     (["run", DEMO, "--run-dir", "new", "eval.judge=vadr"],
      "eval.judge: 'vadr' (did you mean 'vader'?) is not 'vader', a 'module:callable', a reward-model dir or a hub id"),
     (["run", DEMO, "--run-dir", "new", "sft.input=/nope/model"], "sft.input: path not found: /nope/model"),
+    (["run", DEMO, "--run-dir", "new", "--stages", "pretrain,sft,ppo"],  # no stage of this command makes it
+     "ppo.reward_model is not set and stage 'reward' has no completed checkpoint in new/reward/final; run 'reward' "
+     "first or set ppo.reward_model"),
     (["run", DEMO, "--run-dir", "run", "eval.judge=vadr"],  # an existing run dir: its config.yaml is kept
      "eval.judge: 'vadr' (did you mean 'vader'?) is not 'vader', a 'module:callable', a reward-model dir or a hub id"),
     (["status", "notrun"], "notrun: not a run dir (no config.yaml; `rlhf run` makes one)"),
