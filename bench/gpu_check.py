@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 import platform
@@ -110,18 +109,6 @@ def init_rank(device: str) -> None:
     from pipeline.worker import init_distributed
 
     init_distributed()
-
-
-def ppo_parts():
-    """stages.ppo's modules without its package __init__ (which imports the whole stage)."""
-    if "stages.ppo" not in sys.modules:
-        import stages
-
-        pkg = types.ModuleType("stages.ppo")
-        pkg.__path__ = [str(ROOT / "stages" / "ppo")]
-        sys.modules["stages.ppo"] = pkg
-        stages.ppo = pkg
-    return tuple(importlib.import_module(f"stages.ppo.{m}") for m in ("engines", "experience", "update"))
 
 
 def sync(device) -> None:
@@ -230,7 +217,9 @@ def check_model(name: str, args, device, dtype, figures: dict) -> dict:
     from pipeline.sharding import local_sizes
     from pipeline.zero3 import gathered_module
 
-    engines, xp, ppo_update = ppo_parts()
+    from zero3_generation import ppo_parts  # bench/ is on the path: this script's own folder
+
+    engines, xp, ppo_update = ppo_parts(("engines", "experience", "update"))
     t_model = time.perf_counter()
     config = Qwen2Config(**SHAPES[name], max_position_embeddings=max(512, args.prompt_len + args.new_tokens),
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=True)

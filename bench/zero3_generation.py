@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def ppo_parts():
+def ppo_parts(names=("engines", "experience", "maths", "update")):
     """stages.ppo's __init__ imports the whole stage (data loaders and their text packages); load the parts only."""
     if "stages.ppo" not in sys.modules:
         import stages
@@ -82,7 +82,7 @@ def ppo_parts():
         pkg.__path__ = [str(ROOT / "stages" / "ppo")]
         sys.modules["stages.ppo"] = pkg
         stages.ppo = pkg
-    return tuple(importlib.import_module(f"stages.ppo.{m}") for m in ("engines", "experience", "maths", "update"))
+    return tuple(importlib.import_module(f"stages.ppo.{m}") for m in names)
 
 
 def init_distributed(device: str) -> None:

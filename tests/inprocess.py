@@ -42,6 +42,26 @@ def launcher_in_process() -> Iterator[pytest.MonkeyPatch]:
         yield mp
 
 
+def assert_merged_lora(merged: dict, base: dict, adapter: dict, a_key_of, scale: float) -> set[str]:
+    """Every weight of a merged LoRA hand-off is W + scale * B A where `adapter` holds an A for it (at
+    `a_key_of(key)`; B beside it, trained away from zero), and the base's own weight everywhere else.
+    Returns the names of the adapted modules."""
+    import torch
+
+    assert merged.keys() == base.keys()
+    adapted = set()
+    for key in base:
+        a_key = a_key_of(key)
+        if a_key not in adapter:
+            assert torch.equal(merged[key], base[key]), f"{key} changed without an adapter"
+            continue
+        a, b = adapter[a_key], adapter[a_key.replace("lora_A", "lora_B")]
+        assert b.abs().max() > 0, f"{key}: the adapter did not train"
+        torch.testing.assert_close(merged[key], base[key] + scale * b @ a, rtol=0, atol=1e-6)
+        adapted.add(key.split(".")[-2])
+    return adapted
+
+
 def spy(mp: pytest.MonkeyPatch, owner, name: str, record: list) -> None:
     """Wrap `owner.name` for the MonkeyPatch's span: each call appends (args, kwargs, result) to `record`."""
     original = getattr(owner, name)

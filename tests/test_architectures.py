@@ -2,7 +2,7 @@
 dataset schemas users bring, on CPU.
 
 The orchestrator runs as `rlhf run` does (preflight, manifests, hand-offs, the end-of-run evaluation); only
-DeepSpeed's launcher is replaced by a call of the worker's `run_stage` in this process, one rank, so four
+DeepSpeed's launcher is replaced by the worker's `run_stage` in this process (tests/inprocess.py), one rank, so four
 families cost their training and not twelve process start-ups. The launcher path itself is what every other
 end-to-end test (and the example configs' test) runs.
 
@@ -21,31 +21,15 @@ import pytest
 import yaml
 
 from tests import standins
-from pipeline.launch import free_port
-from tests.conftest import destroy_process_group
+from tests.inprocess import launcher_in_process
 
 pytestmark = pytest.mark.slow  # trains every stage
 
 
 @pytest.fixture
-def in_process_launcher(monkeypatch):
-    """`run_launcher` replaced by the worker's run_stage in this process (rank 0 of 1)."""
-    from pipeline import orchestrator, worker
-    from pipeline.rundir import RunDir
-    from stages import load_stage
-
-    def run_here(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-        arg = dict(zip(cmd, cmd[1:]))
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}.items():
-            monkeypatch.setenv(key, value)
-        try:
-            worker.run_stage(RunDir(Path(arg["--run-dir"])), arg["--stage"], load_stage(arg["--stage"]).run, None)
-        finally:
-            destroy_process_group()
-        return 0
-
-    monkeypatch.setattr(orchestrator, "run_launcher", run_here)
+def in_process_launcher():
+    with launcher_in_process():
+        yield
 
 
 def messages_prompt_rows(n: int, offset: int = 0):

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.inprocess import launcher_in_process, spy
+from tests.inprocess import assert_merged_lora, launcher_in_process, spy
 from tests.test_ppo_stage import LORA, Tiny, metric_rows, tiny, without_time, write_config
 
 pytestmark = pytest.mark.slow  # trains the PPO stage
@@ -264,15 +264,6 @@ def test_lora_actor_under_zero3_saves_base_plus_adapter(lora, tiny):
     [state] = lora.steps.actor_state
     merged, base = weights(lora.run_dir / "ppo" / "final"), weights(tiny.policy_dir)
     assert manifest(lora.run_dir)["lora"] == {"merged": True}
-    assert merged.keys() == base.keys()
-    adapted = set()
-    for key in base:
-        a_key = "base_model.model." + key.replace(".weight", ".lora_A.default.weight")
-        if a_key not in state:
-            assert torch.equal(merged[key], base[key]), f"{key} changed without an adapter"
-            continue
-        a, b = state[a_key], state[a_key.replace("lora_A", "lora_B")]
-        assert b.abs().max() > 0, f"{key}: the adapter did not train"
-        torch.testing.assert_close(merged[key], base[key] + LORA["alpha"] / LORA["r"] * b @ a, rtol=0, atol=1e-6)
-        adapted.add(key.split(".")[-2])
+    adapted = assert_merged_lora(merged, base, state, lambda key: "base_model.model." + key.replace(
+        ".weight", ".lora_A.default.weight"), scale=LORA["alpha"] / LORA["r"])
     assert adapted == set(LORA["target_modules"])

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import ModelArch
 from tests.conftest import TINY
-from tests.inprocess import launcher_in_process, spy
+from tests.inprocess import assert_merged_lora, launcher_in_process, spy
 
 pytestmark = pytest.mark.slow  # trains stages
 
@@ -195,17 +195,8 @@ def test_lora_hands_off_base_plus_adapter(lora, checkpoint):
     assert not any("lora" in k for k in merged)
     base = AutoModelForCausalLM.from_pretrained(checkpoint).state_dict()
     adapter = load_file(final / "adapter" / "adapter_model.safetensors")
-    assert merged.keys() == base.keys()
-    adapted = set()
-    for key in base:
-        a_key = "base_model.model." + key.replace(".weight", ".lora_A.weight")
-        if a_key not in adapter:
-            assert torch.equal(merged[key], base[key]), f"{key} changed without an adapter"
-            continue
-        a, b = adapter[a_key], adapter[a_key.replace("lora_A", "lora_B")]
-        assert b.abs().max() > 0, f"{key}: the adapter did not train"
-        torch.testing.assert_close(merged[key], base[key] + (8 / 4) * b @ a, rtol=0, atol=1e-6)
-        adapted.add(key.split(".")[-2])
+    adapted = assert_merged_lora(merged, base, adapter, lambda key: "base_model.model." + key.replace(
+        ".weight", ".lora_A.weight"), scale=8 / 4)
     assert adapted == {"q_proj", "v_proj"}  # LoraSection's default targets, in every layer
 
 
