@@ -107,7 +107,9 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="pretrain -> SFT -> reward model -> PPO")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (and everything --verbose shows)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the DeepSpeed launcher's and the ranks' whole output (always in <stage>/logs/launch.log)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the enabled stages of a pipeline config")
@@ -160,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="plots and report.md from a run dir's metrics, manifests and eval")
     report.add_argument("run_dir")
+    for command in sub.choices.values():  # also after the command: `rlhf run CFG --verbose`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     if set(sub.choices) != set(COMMANDS):  # every subcommand has a handler and every handler a subcommand
         raise AssertionError(f"rlhf subcommands {sorted(sub.choices)} != handlers {sorted(COMMANDS)}")
     return parser
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides = list(args.overrides) + extra
     if args.debug:
         os.environ["RLHF_DEBUG"] = "1"  # the stage processes (stages.worker) print their tracebacks too
+    if args.verbose:
+        os.environ["RLHF_VERBOSE"] = "1"  # the launcher's and the ranks' whole output on the terminal
     try:
         code = COMMANDS[args.command](args)
     except UserError as err:

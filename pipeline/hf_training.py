@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,29 @@ class MetricsFileCallback(TrainerCallback):
         if logs:
             self.file.write({k if k.startswith(("eval_", "train_")) else f"train/{k}": v
                              for k, v in logs.items()}, state.global_step)
+
+
+class ProgressLines(TrainerCallback):
+    """The terminal's view of the stage, one line per log on rank 0 (the Trainer's progress bars and
+    dicts stay in the stage's log): `[sft] step 20/200 loss 2.345 grad_norm 0.5213 lr 0.000933 0.41s/step`."""
+
+    KEYS = ("loss", "eval_loss", "accuracy", "eval_accuracy", "grad_norm", "learning_rate")
+
+    def __init__(self, ctx: StageContext):
+        self.name, self.is_main = ctx.name, ctx.is_main
+        self.started, self.first_step = time.perf_counter(), 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.first_step = time.perf_counter(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = [k for k in self.KEYS if k in (logs or {})]
+        if not self.is_main or not shown:  # the end-of-training summary has none of them
+            return
+        values = " ".join(f"{'lr' if k == 'learning_rate' else k} {logs[k]:.4g}" for k in shown)
+        steps = state.global_step - self.first_step
+        pace = f" {(time.perf_counter() - self.started) / steps:.2f}s/step" if steps else ""
+        print(f"[{self.name}] step {state.global_step}/{state.max_steps} {values}{pace}", flush=True)
 
 
 COMPLETE_MARKER = CHECKPOINT_MARKERS[0]
@@ -209,7 +233,7 @@ def checkpoint_callbacks(ctx: StageContext) -> list[TrainerCallback]:
     from pipeline.rundir import semantic_stage_config
 
     return [MetricsFileCallback(ctx), CompleteCheckpoints(ctx, semantic_stage_config(ctx.config, ctx.name)),
-            FiniteLossGuard(ctx)]
+            FiniteLossGuard(ctx), ProgressLines(ctx)]
 
 
 def save_final(trainer, tokenizer, ctx: StageContext) -> None:

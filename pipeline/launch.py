@@ -13,7 +13,9 @@ for its own node only (`--no_ssh --node_rank N`), and only node 0 runs the orche
 
 from __future__ import annotations
 
+import codecs
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.config import DeepSpeedSection
+from pipeline.config import STAGE_ORDER, DeepSpeedSection
 from pipeline.errors import UserError
 
 NODE_RANK_ENV = "RLHF_NODE_RANK"
@@ -164,8 +166,45 @@ def _watch_locks(stop: threading.Event) -> None:
         clear_stale_extension_locks()
 
 
+VERBOSE_ENV = "RLHF_VERBOSE"
+
+
+def verbose() -> bool:
+    """`rlhf --verbose` (or `--debug`): the terminal shows everything the ranks and the launcher print."""
+    return bool(os.environ.get(VERBOSE_ENV) or os.environ.get("RLHF_DEBUG"))
+
+
+# Our own progress lines: `[sft] step 20/200 loss ...`, `[ppo] warning: ...`, `[eval] ...`. Found at
+# the start of a line or right after a progress bar the rank was drawing (`... 4/6 [00:01, 3.1it/s]`).
+OWN_LINE = re.compile(r"(?:^|(?<=\]))\[(?:%s|eval)\] .*" % "|".join(STAGE_ORDER))
+
+
+class TerminalLines:
+    """What of the launcher's output reaches the terminal: our own progress lines only.
+
+    The DeepSpeed launcher's INFO/WARNING lines, library warnings and progress bars stay in the
+    stage's log. A rank's `error: ...` line is left out too: the orchestrator prints it once, as
+    the stage's failure, with the log path.
+    """
+
+    def __init__(self):
+        self.partial = ""
+        self.decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode  # a chunk may end mid-character
+
+    def feed(self, chunk: bytes) -> list[str]:
+        pieces = re.split(r"[\r\n]", self.partial + self.decode(chunk))
+        self.partial = pieces.pop()  # no line end yet
+        return [m.group(0) for piece in pieces if (m := OWN_LINE.search(piece))]
+
+    def rest(self) -> list[str]:
+        """At the end of the output: a last line printed without a line end."""
+        return self.feed(b"\n") if self.partial else []
+
+
 def run_launcher(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
-    """Run the launcher, streaming its output to the terminal and to `log_path`."""
+    """Run the launcher: all of its output into `log_path`, and to the terminal everything
+    (`--verbose`) or our own progress lines (`TerminalLines`)."""
+    show_all = verbose()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
@@ -175,12 +214,20 @@ def run_launcher(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
         assert proc.stdout is not None
         stop = threading.Event()
         threading.Thread(target=_watch_locks, args=(stop,), daemon=True).start()
+        terminal = TerminalLines()
         try:
             # Raw chunks, not lines: progress bars redraw with '\r' and must show as they happen.
             while chunk := os.read(proc.stdout.fileno(), 65536):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
                 log.buffer.write(chunk)
+                log.flush()
+                if show_all:
+                    sys.stdout.buffer.write(chunk)
+                else:
+                    lines = terminal.feed(chunk)
+                    sys.stdout.write("".join(line + "\n" for line in lines))
+                sys.stdout.flush()
+            if not show_all:
+                sys.stdout.write("".join(line + "\n" for line in terminal.rest()))
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait()

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,19 +49,63 @@ def wandb_mode(cfg: TrackingSection) -> str:
     return "online" if has_key else "offline"
 
 
+def wandb_reachable(timeout_s: float = 3.0) -> str | None:
+    """None when the W&B server (`WANDB_BASE_URL`, default api.wandb.ai) accepts a connection within
+    `timeout_s`; else why not. Without it, wandb.init waits about 90 s before giving up offline."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{url.hostname}:{port} unreachable: {err.strerror or err}"
+    return None
+
+
 class MetricsFile:
-    """Every logged step as one JSON line in `<stage>/metrics.jsonl`, so reports need no tracker."""
+    """Every logged step as one JSON line in `<stage>/metrics.jsonl`, so reports need no tracker.
+
+    One row per step across a resume: the first step this process logs drops the rows an earlier,
+    killed attempt logged from that step on (it resumed from an earlier checkpoint and logs them again).
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
+        self.first = True
 
     def write(self, metrics: dict[str, Any], step: int | None) -> None:
         if self.path is None:
             return
+        if self.first and step is not None:
+            self.keep_until(step - 1)
+            self.first = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def keep_until(self, step: int) -> None:
+        """Drop the rows after `step` and any line torn by a kill; written aside and renamed, so a crash
+        keeps the old file."""
+        if self.path is None or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if (row := _row(line)) is not None and (row.get("step") or 0) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    """One row of metrics.jsonl; None for a line torn by a kill (the next row would be appended to it)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and line.endswith("\n") else None
 
 
 class NullTracker:
@@ -85,6 +130,7 @@ class WandbTracker:
 
         self._wandb = wandb
         self._warned = False
+        self.stage = stage  # our lines start with `[stage]`: the terminal shows them (pipeline.launch)
         self.file = MetricsFile(stage_dir / "metrics.jsonl")
         self.mode = wandb_mode(cfg)
         id_file = stage_dir / "wandb_run_id"
@@ -108,13 +154,18 @@ class WandbTracker:
             config={"pipeline": scrub(config)},
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
+        unreachable = wandb_reachable() if self.mode == "online" else None
+        if unreachable:
+            print(f"[{stage}] warning: W&B {unreachable}; logging offline instead", file=sys.stderr, flush=True)
+            self.mode = "offline"
         try:
             self.run = wandb.init(mode=self.mode, **settings)
         except Exception as err:
             if self.mode != "online":
                 raise
             # W&B unreachable: keep the run on disk and say once how to upload it later.
-            print(f"warning: W&B online failed ({str(err).splitlines()[0]}); logging offline instead", file=sys.stderr)
+            print(f"[{stage}] warning: W&B online failed ({str(err).splitlines()[0]}); logging offline instead",
+                  file=sys.stderr, flush=True)
             self.mode = "offline"
             self.run = wandb.init(mode="offline", **settings)
 
@@ -123,7 +174,7 @@ class WandbTracker:
             fn(*args, **kwargs)
         except Exception as err:  # the tracker going away must never stop training
             if not self._warned:
-                print(f"warning: W&B logging failed ({err}); training continues", file=sys.stderr)
+                print(f"[{self.stage}] warning: W&B logging failed ({err}); training continues", file=sys.stderr, flush=True)
                 self._warned = True
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -139,7 +190,8 @@ class WandbTracker:
     def finish(self) -> None:
         self._guard(self.run.finish)
         if self.mode == "offline":
-            print(f"W&B run saved offline; upload with: wandb sync {self.run.dir.rsplit('/files', 1)[0]}")
+            print(f"[{self.stage}] W&B run saved offline; upload with: wandb sync {self.run.dir.rsplit('/files', 1)[0]}",
+                  flush=True)
 
 
 def make_tracker(cfg: TrackingSection, *, rank: int, run_name: str, stage: str, stage_dir: Path,
@@ -151,5 +203,5 @@ def make_tracker(cfg: TrackingSection, *, rank: int, run_name: str, stage: str, 
     try:
         return WandbTracker(cfg, run_name=run_name, stage=stage, stage_dir=stage_dir, config=config)
     except Exception as err:
-        print(f"warning: W&B could not start ({err}); continuing without tracking", file=sys.stderr)
+        print(f"[{stage}] warning: W&B could not start ({err}); continuing without tracking", file=sys.stderr, flush=True)
         return NullTracker(stage_dir / "metrics.jsonl")

@@ -653,6 +653,7 @@ def test_unreachable_tracker_falls_back_to_offline_with_one_warning(tmp_path, mo
         return FakeRun(tmp_path, fail_logs=len(modes) > 2)
 
     monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init, Settings=lambda **kw: kw))
+    monkeypatch.setattr("pipeline.tracking.wandb_reachable", lambda: None)  # the server answers; wandb.init fails
     tracker = make_tracker(TrackingSection(mode="online"), rank=0, run_name="tiny", stage="sft", stage_dir=tmp_path,
                            config={})
     assert modes == ["online", "offline"] and tracker.mode == "offline"
