@@ -50,7 +50,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.orchestrator import status_lines
+    from pipeline.status import status_lines
     from pipeline.rundir import RunDir
 
     print("\n".join(status_lines(RunDir(Path(args.run_dir)))))

@@ -236,3 +236,27 @@ def run_launcher(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
             stop.set()
             log.flush()
         return proc.wait()
+
+
+def stage_error(log: Path, offset: int) -> str | None:
+    """The one line that says why the stage failed, from what this launch added to its log: a rank's own
+    `error: ...`, else the last line of a traceback, else the signal that killed a rank."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    text = text.replace("\r", "\n")
+    # at the start of a line, or right after a progress bar the rank was drawing (`... 4/6 [00:01, 3.1it/s]`)
+    errors = re.findall(r"(?:^|(?<=\]))error: (.+)", text, flags=re.MULTILINE)
+    if errors:
+        return errors[-1].strip()
+    # a crash: the last line of the rank's traceback, `SomeError: what`
+    raised = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)(?:: .+)?)$", text, flags=re.MULTILINE)
+    if raised:
+        return raised[-1].strip()
+    killed = re.findall(r"exits with return code = -(\d+)", text)  # DeepSpeed's launcher on a signalled rank
+    if killed:
+        return f"a rank was killed by signal {killed[-1]}" + (" (out of memory?)" if killed[-1] == "9" else "")
+    return None

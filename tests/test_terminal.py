@@ -8,8 +8,7 @@ import re
 
 import pytest
 
-from pipeline.launch import TerminalLines
-from pipeline.orchestrator import stage_error
+from pipeline.launch import TerminalLines, stage_error
 from tests.conftest import TINY, communicate
 
 LAUNCHER_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \[(INFO|WARNING)\]")

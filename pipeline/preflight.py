@@ -1,0 +1,133 @@
+"""Checks before anything is written or launched: the run dir, data files, model paths, the judge.
+
+`rlhf run` calls `check_before_writing` for every selected stage before it writes config.yaml; the
+orchestrator calls `preflight` again for each stage as it comes (its inputs now exist) and
+`preflight_launch` for a stage about to launch (hub access, weights format, reward head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline import movie_reviews
+from pipeline.checkpoint import read_json
+from pipeline.config import PipelineConfig, read_yaml
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir, check_new_run_dir, stage_inputs
+
+
+def check_run_dir_owner(run_dir: RunDir, cfg: PipelineConfig) -> None:
+    """Refuse a run dir that holds another pipeline's run."""
+    if not run_dir.config_path.exists():
+        return
+    previous = read_yaml(run_dir.config_path)
+    name = (previous.get("run") or {}).get("name")
+    if name is not None and name != cfg.run.name:
+        raise UserError(
+            f"{run_dir.root}: run dir holds pipeline run '{name}', not '{cfg.run.name}'; use another --run-dir"
+        )
+
+
+def uses_movie_reviews(cfg: PipelineConfig, stages: list[str]) -> bool:
+    sources = [cfg.eval.prompts]
+    for stage in stages:
+        data = cfg.stage(stage).data
+        sources += [data.train, data.eval]
+    return any(s and s.startswith(movie_reviews.PREFIX) for s in sources)
+
+
+def missing_local_data(source: str | None) -> bool:
+    """A data source that names a local file or path (not the demo's splits, not a hub name) that is not there."""
+    return bool(source) and not source.startswith(movie_reviews.PREFIX) and (
+        Path(source).suffix in (".jsonl", ".json", ".parquet", ".csv") or source.startswith((".", "/", "~"))
+    ) and not Path(source).expanduser().exists()
+
+
+def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str, Any]) -> None:
+    """Fail in a second, not after a launch: local data and model paths must exist."""
+    section = cfg.stage(stage)
+    for split in ("train", "eval"):
+        source = getattr(section.data, split)
+        if missing_local_data(source):
+            raise UserError(f"{stage}.data.{split}: data file not found: {source}")
+    for key, entry in inputs.items():
+        path = entry and entry["path"]
+        if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise UserError(f"{INPUT_KEYS[stage][key]}: path not found: {path}")
+    if stage == "ppo" and cfg.eval.enabled:  # the stage ends by judging its policy
+        from pipeline.evaluation.judges import check_judge
+
+        if missing_local_data(cfg.eval.prompts):
+            raise UserError(f"eval.prompts: data file not found: {cfg.eval.prompts}")
+        check_judge(cfg.eval.judge, (inputs.get("reward_model") or {}).get("path"))
+
+
+# The config key that names each input of a stage (the keys of rundir.stage_inputs).
+INPUT_KEYS = {
+    "pretrain": {"model": "pretrain.input", "tokenizer": "pretrain.tokenizer"},
+    "sft": {"model": "sft.input"},
+    "reward": {"model": "reward.input"},
+    "ppo": {"actor": "ppo.input", "reward_model": "ppo.reward_model", "critic": "ppo.critic"},
+}
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "adapter_model*.bin", "*.ckpt", "consolidated*.pth")
+
+
+def check_model_dir(path: Path, key: str) -> None:
+    """A local model input must be a checkpoint dir with safetensors weights (pickle weights are never loaded)."""
+    if not path.is_dir():
+        raise UserError(f"{key}: {path} is not a checkpoint directory")
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise UserError(f"{key}: {path} holds no config.json; not a Hugging Face checkpoint")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+        why = (f"only pickle weights ({', '.join(pickled)}), which are never loaded; convert them to safetensors"
+               if pickled else "no *.safetensors weights")
+        raise UserError(f"{key}: {path} holds {why}")
+
+
+def check_reward_head(path: Path, key: str) -> None:
+    """A reward model must score with exactly one output (a fresh head would score at random)."""
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict):
+        return  # adapters only: the stage checks the loaded model
+    outputs = len(config["id2label"]) if config.get("id2label") else config.get("num_labels", 2)
+    if outputs != 1:
+        raise UserError(f"{key}: {path} has {outputs} outputs (config.json); a reward model needs exactly one")
+
+
+def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) -> None:
+    """Checks for a stage about to launch (not one being skipped): hub access, weights format, reward head."""
+    from pipeline.data import hub_reachable, is_local_source
+
+    remote: list[tuple[str, str]] = []  # (config key, hub id)
+    for key, entry in inputs.items():
+        path = entry and entry["path"]
+        if not path:
+            continue
+        local = Path(path).expanduser()
+        if not local.exists():
+            remote.append((INPUT_KEYS[stage][key], path))
+        elif key != "tokenizer":
+            check_model_dir(local, INPUT_KEYS[stage][key])
+            if key == "reward_model":
+                check_reward_head(local, INPUT_KEYS[stage][key])
+    for split in ("train", "eval"):
+        source = getattr(cfg.stage(stage).data, split)
+        if source and not source.startswith(movie_reviews.PREFIX) and not is_local_source(source):
+            remote.append((f"{stage}.data.{split}", source))
+    if remote and not hub_reachable():
+        key, name = remote[0]
+        raise UserError(f"{key}: '{name}' is not a local path and the Hugging Face hub is offline "
+                        "(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set, or huggingface.co cannot be reached)")
+
+
+def check_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]) -> None:
+    """Everything that can be checked without training, for every selected stage, before `rlhf run`
+    writes config.yaml or launches: the run dir, data files and their first rows, model paths, the judge."""
+    from pipeline.data import check_first_row
+
+    check_new_run_dir(run_dir.root)
+    for i, stage in enumerate(stages):
+        preflight(cfg, stage, run_dir, stage_inputs(cfg, stage, run_dir, upcoming=stages[:i]))
+        check_first_row(cfg.stage(stage).data, stage, stage)
