@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pipeline.config import DeepSpeedSection, PipelineConfig
 from pipeline.rundir import RunDir
@@ -57,9 +57,3 @@ class StageContext:
     @property
     def device(self) -> str:
         return "cpu" if os.environ.get("DS_ACCELERATOR") == "cpu" else f"cuda:{self.local_rank}"
-
-
-class Stage(Protocol):
-    """What a stage module offers: `run` trains, saves into ctx.staging_final, returns metrics."""
-
-    def run(self, ctx: StageContext) -> dict[str, Any]: ...
