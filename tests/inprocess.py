@@ -4,11 +4,16 @@
 of 1), as tests/test_architectures.py does; everything else (config, preflight, manifests, hand-offs,
 resume) is what `rlhf run` does. It yields the MonkeyPatch that undoes it, so a test can also wrap a
 stage's own functions (spies) for the same span, module-scoped fixtures included.
+
+By default a stage's error is raised here, where the test can catch it. With `as_launcher=True` the stage
+runs as a launched rank does: through the worker's `main`, its output appended to the stage's launch log and
+its refusal turned into the rank's exit code, which the orchestrator then reports (`stage 'sft' failed ...`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 from typing import Iterator
 
@@ -19,19 +24,21 @@ from tests.conftest import destroy_process_group
 
 
 @contextlib.contextmanager
-def launcher_in_process() -> Iterator[pytest.MonkeyPatch]:
+def launcher_in_process(as_launcher: bool = False) -> Iterator[pytest.MonkeyPatch]:
     from pipeline import orchestrator, worker
     from pipeline.rundir import RunDir
     from stages import load_stage
 
     with pytest.MonkeyPatch.context() as mp:
-        def run_here(cmd: list[str], env: dict[str, str], log_path: Path) -> int:
+        def run_here(cmd: list[str], env: dict[str, str], log_path: Path, show_all: bool = False) -> int:
             arg = dict(zip(cmd, cmd[1:]))
             for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                                "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}.items():
                 mp.setenv(key, value)
             resume = Path(arg["--resume-from"]) if "--resume-from" in arg else None
             try:
+                if as_launcher:
+                    return as_rank(cmd[cmd.index("--run-dir"):], log_path)
                 worker.run_stage(RunDir(Path(arg["--run-dir"])), arg["--stage"], load_stage(arg["--stage"]).run,
                                  resume)
             finally:
@@ -40,6 +47,23 @@ def launcher_in_process() -> Iterator[pytest.MonkeyPatch]:
 
         mp.setattr(orchestrator, "run_launcher", run_here)
         yield mp
+
+
+def as_rank(worker_args: list[str], log_path: Path) -> int:
+    """`stages.worker` ARGS as a launched rank: its output appended to `log_path`; returns its exit code."""
+    from stages import worker
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            worker.main(worker_args)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(output.getvalue())
+    return code
 
 
 def assert_merged_lora(merged: dict, base: dict, adapter: dict, a_key_of, scale: float) -> set[str]:

@@ -1,0 +1,108 @@
+"""Failure handling checked without a launch (fast tier): the tracker falls back to offline with one warning,
+the NaN check always sees the last step, a model's remote code is not run unless configured, and identical
+preference pairs are kept with a warning that counts them. The cases with a run are in tests/test_errors.py
+and tests/test_errors_training.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import TrackingSection, load_config
+from tests.conftest import TINY
+
+
+def test_identical_pairs_are_warned_about_with_a_count(capsys):
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from pipeline.data import StageRows
+    from stages.reward import prepare
+
+    rows = Dataset.from_list([{"chosen": "a", "rejected": "a"}, {"chosen": "a", "rejected": "b"},
+                              {"chosen": "c", "rejected": "c"}])
+    data = StageRows(rows, "preference", "pairs.jsonl")
+    assert prepare(data, SimpleNamespace(chat_template=None), "train", is_main=True) is rows  # kept, not dropped
+    assert "warning: 2 of 3 train pairs have chosen == rejected" in capsys.readouterr().out
+
+
+class FakeRun:
+    def __init__(self, stage_dir: Path, fail_logs: bool):
+        self.dir = str(stage_dir / "wandb" / "offline-run-x" / "files")
+        self.summary: dict = {}
+        self.fail_logs = fail_logs
+
+    def log(self, metrics, step=None):
+        if self.fail_logs:
+            raise ConnectionError("connection reset")
+
+    def finish(self):
+        pass
+
+
+def test_unreachable_tracker_falls_back_to_offline_with_one_warning(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from pipeline.tracking import make_tracker
+
+    modes = []
+
+    def init(mode, **settings):
+        modes.append(mode)
+        if mode == "online":
+            raise ConnectionError("api.wandb.ai: Name or service not known\n(retried 3 times)")
+        return FakeRun(tmp_path, fail_logs=len(modes) > 2)
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init, Settings=lambda **kw: kw))
+    monkeypatch.setattr("pipeline.tracking.wandb_reachable", lambda: None)  # the server answers; wandb.init fails
+    tracker = make_tracker(TrackingSection(mode="online"), rank=0, run_name="tiny", stage="sft", stage_dir=tmp_path,
+                           config={})
+    assert modes == ["online", "offline"] and tracker.mode == "offline"
+    for step in (1, 2):
+        tracker.log({"train/loss": 1.0}, step=step)
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and "W&B online failed (api.wandb.ai" in warnings[0] and "offline" in warnings[0]
+
+    broken = make_tracker(TrackingSection(mode="offline"), rank=0, run_name="tiny", stage="sft", stage_dir=tmp_path,
+                          config={})  # a run whose every call fails: training goes on, one warning
+    for step in (3, 4, 5):
+        broken.log({"train/loss": 1.0}, step=step)
+    broken.finish()
+    assert capsys.readouterr().err.count("warning: W&B logging failed") == 1
+    logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]  # every step still reaches metrics.jsonl
+
+
+def test_remote_code_is_not_run_unless_configured(tmp_path):
+    from pipeline import models
+    from pipeline.errors import UserError
+
+    marker = tmp_path / "code_ran"
+    model = tmp_path / "remote"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "remote-test", "architectures": ["RemoteModel"],
+        "auto_map": {"AutoConfig": "remote.RemoteConfig", "AutoModelForCausalLM": "remote.RemoteModel"}}))
+    (model / "remote.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
+    assert load_config(TINY).run.trust_remote_code is False
+    with pytest.raises(UserError, match=str(model)) as info:
+        models.load_model(str(model), what="sft.input")
+    assert info.value.exit_code == 2
+    assert not marker.exists()
+
+
+def test_the_last_step_is_always_logged_so_its_loss_is_checked_and_reported():
+    """A run shorter than logging_steps still logs (and NaN-checks) its last step before the hand-off save."""
+    from types import SimpleNamespace
+
+    from pipeline.hf_training import FiniteLossGuard
+
+    guard = FiniteLossGuard.__new__(FiniteLossGuard)
+    for step, save, logged in ((19, False, False), (10, True, True), (20, False, True)):
+        control = SimpleNamespace(should_save=save, should_log=False)
+        guard.on_step_end(None, SimpleNamespace(global_step=step, max_steps=20), control)
