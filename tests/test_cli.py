@@ -1,4 +1,5 @@
-"""The real `rlhf` CLI end to end on the tiny config: pretraining, skips, re-runs, status and refusals.
+"""The real `rlhf` CLI end to end on the tiny config: pretraining, skips, re-runs and status. Its refusals of
+bad input are in the catalogue, tests/test_catalogue.py.
 
 One pretraining run is shared by the module (fixture `run`); tests that change a run dir work on
 a copy of it, so the tests do not depend on their order.
@@ -6,7 +7,6 @@ a copy of it, so the tests do not depend on their order.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -86,15 +86,6 @@ def run_pretrain(run_dir: Path, *overrides: str) -> Result:
     return checked(finish(start_pretrain(run_dir, *overrides)))
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under `root` with its size and mtime, to prove a command left them alone.
-
-    `.lock` is left out: taking the lock (before the run dir's owner is checked) writes the pid.
-    """
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
-
-
 @dataclass
 class PretrainRun:
     dir: Path
@@ -141,12 +132,6 @@ def run_copy(run, tmp_path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(run.dir, copy, symlinks=True)
     return copy
-
-
-def one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
-    return lines[0]
 
 
 # a pretraining run
@@ -279,67 +264,3 @@ def test_status_lists_stages_checkpoint_and_metrics(run):
     assert f"perplexity={run.manifest['metrics']['perplexity']:.4g}" in result.stdout
     assert f"initial_perplexity={run.manifest['metrics']['initial_perplexity']:.4g}" in result.stdout
     assert run.manifest["config_hash"] in result.stdout
-
-
-def test_status_of_missing_run_dir_is_an_error(tmp_path):
-    result = rlhf("status", tmp_path / "nope")
-    assert result.returncode == 2
-    assert "not found" in one_line(result.stderr)
-
-
-# refusals
-
-
-def test_unknown_key_exits_2_with_one_line_and_touches_nothing(run):
-    before = snapshot(run.dir)
-    result = rlhf("run", TINY, "--run-dir", run.dir, "--stages", "pretrain", "pretrain.max_stepz=3")
-    assert result.returncode == 2
-    line = one_line(result.stderr)
-    assert "pretrain.max_stepz" in line and "max_steps" in line
-    assert "Traceback" not in result.stderr + result.stdout
-    assert snapshot(run.dir) == before
-
-
-def test_unknown_key_in_config_file_exits_2(run, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(TINY.read_text().replace("sft:\n", "sft:\n  lrr: 0.1\n", 1))
-    before = snapshot(run.dir)
-    result = rlhf("run", bad, "--run-dir", run.dir, "--stages", "pretrain")
-    assert result.returncode == 2
-    line = one_line(result.stderr)
-    assert "sft.lrr" in line and "did you mean 'lr'" in line and str(bad) in line
-    assert snapshot(run.dir) == before
-
-
-def test_locked_run_dir_is_refused(run):
-    before = snapshot(run.dir)
-    fd = os.open(run.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        result = rlhf("run", TINY, "--run-dir", run.dir, "--stages", "pretrain")
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-    assert result.returncode == 2
-    assert "in use" in one_line(result.stderr)
-    assert "starting" not in result.stdout and "skipped" not in result.stdout
-    assert snapshot(run.dir) == before
-
-
-def test_run_dir_of_another_run_is_refused(run):
-    before = snapshot(run.dir)
-    result = rlhf("run", TINY, "--run-dir", run.dir, "--stages", "pretrain", "run.name=other")
-    assert result.returncode == 2
-    line = one_line(result.stderr)
-    assert "'tiny'" in line and "'other'" in line
-    assert snapshot(run.dir) == before
-
-
-def test_stage_without_upstream_is_refused_before_launch(tmp_path):
-    run_dir = tmp_path / "fresh"
-    result = rlhf("run", TINY, "--run-dir", run_dir, "--stages", "sft")
-    assert result.returncode == 2
-    line = one_line(result.stderr)
-    assert "'pretrain'" in line and "sft.input" in line
-    assert "starting" not in result.stdout
-    assert not (run_dir / "sft" / "logs").exists()

@@ -1,0 +1,281 @@
+"""The catalogue of bad input: each mistake a user makes (in a config, a run dir, a data file or a command),
+the command that meets it, and the exact one line it gets on stderr. Every case also exits with code 2,
+prints no traceback, starts no stage, and leaves every file and folder in its working dir as it was: no run
+dir, config.yaml, report, log or temp file is written, and an existing run dir's config.yaml is kept.
+
+Each case runs `rlhf` in this process (`pipeline.cli.main`), in a working dir of its own that holds:
+  demo.yaml, tiny.yaml     configs/demo.yaml and tests/configs/tiny.yaml
+  run/                     a run dir: demo.yaml as its config.yaml, and an (empty) run/pretrain/final/
+  notrun/                  a folder that is no run dir
+  afile                    a file
+  q.jsonl, p.jsonl         one row each: {"question": "x"} and {"prompt": "hi"}
+plus the case's own `files`. Nothing launches: each is refused before a stage would start.
+
+Bad input found only inside a stage, or only with a trained model (a tokenizer larger than the model's
+embeddings, pickle-only weights, a reward model with several outputs), is in tests/test_errors.py.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from tests.conftest import ROOT, TINY
+
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    command: str  # after `rlhf`, run in the case's working dir
+    line: str  # the whole of stderr: `error: <line>`
+    files: dict[str, str | bytes] = field(default_factory=dict)  # written into the working dir first
+    make: Callable[[ExitStack], None] | None = None  # anything else the bad input needs (a held lock, a folder)
+    within_s: float | None = None  # refused this fast: nothing waits on a network that is not there
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def held_lock(stack: ExitStack) -> None:
+    """Another `rlhf` holds run/.lock."""
+    fd = os.open("run/.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    stack.callback(os.close, fd)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
+
+
+CASES = [
+    # --- config files: syntax, duplicates, encoding, shape
+    Case("yaml-unclosed-mapping", "run bad.yaml --run-dir new",
+         "bad.yaml:1:6: YAML syntax error: a {...} mapping opened here is not closed (expected ',' or '}', but got "
+         "':' at line 2)",
+         files={"bad.yaml": b"run: {name: x\nsft:\n  lr: 1\n"}),
+    Case("yaml-unclosed-list", "run bad.yaml --run-dir new",
+         "bad.yaml:2:9: YAML syntax error: a [...] list opened here is not closed (expected ',' or ']', but got "
+         "'<stream end>' at line 3)",
+         files={"bad.yaml": b"sft:\n  data: [a, b\n"}),
+    Case("yaml-unclosed-quote", "run bad.yaml --run-dir new",
+         "bad.yaml:1:13: YAML syntax error: a quoted scalar opened here is not closed (found unexpected end of "
+         "stream at line 2)",
+         files={"bad.yaml": b'run: {name: "x}\n'}),
+    Case("yaml-colon-in-a-value", "run bad.yaml --run-dir new",
+         "bad.yaml:3:13: YAML syntax error: mapping values are not allowed here",
+         files={"bad.yaml": b"run: {name: x}\nsft:\n  lr: 1.0e-3: 2\n"}),
+    Case("section-given-twice", "run bad.yaml --run-dir new",
+         "bad.yaml:5: key 'sft' is given twice (lines 1 and 5); the second would silently replace the first: keep one",
+         files={"bad.yaml": b"sft:\n  lr: 1\nreward:\n  lr: 2\nsft:\n  lr: 3\n"}),
+    Case("key-given-twice", "run bad.yaml --run-dir new",
+         "bad.yaml:4: key 'lr' is given twice (lines 2 and 4); the second would silently replace the first: keep one",
+         files={"bad.yaml": b"sft:\n  lr: 1\n  max_steps: 2\n  lr: 3\n"}),
+    Case("not-utf8", "run bad.yaml --run-dir new",
+         "bad.yaml:2: not UTF-8 text (byte 0xe9); save the config as UTF-8",
+         files={"bad.yaml": b"run:\n  name: caf\xe9\n"}),
+    Case("top-level-list", "run bad.yaml --run-dir new", "bad.yaml: top level must be a mapping of sections",
+         files={"bad.yaml": b"- a\n- b\n"}),
+    Case("config-is-a-directory", "run notrun --run-dir new", "notrun: is a directory, not a config file"),
+    Case("unknown-key-in-file", "run bad.yaml --run-dir run --stages pretrain",
+         "bad.yaml: sft.lrr: unknown key (did you mean 'lr'?); valid keys: batch_size, data, deepspeed, enabled, "
+         "eval_steps, grad_accum, input, keep_checkpoints, logging_steps, lora, lr, lr_scheduler, max_grad_norm, "
+         "max_length, max_steps, packing, save_steps, warmup_steps, weight_decay",
+         files={"bad.yaml": b"sft:\n  lrr: 0.1\n"}),
+    # --- config values: unknown keys, types, ranges, enum-like fields
+    Case("unknown-key-override", "run tiny.yaml --run-dir run --stages pretrain pretrain.max_stepz=3",
+         "tiny.yaml: pretrain.max_stepz: unknown key (did you mean 'max_steps'?); valid keys: batch_size, data, "
+         "deepspeed, enabled, eval_steps, grad_accum, input, keep_checkpoints, logging_steps, lr, lr_scheduler, "
+         "max_grad_norm, max_steps, model, save_steps, seq_len, tokenizer, tokenizer_vocab_size, warmup_steps, "
+         "weight_decay"),
+    Case("ppo-reads-no-batch-size", "run tiny.yaml --run-dir new ppo.batch_size=8",
+         "tiny.yaml: ppo.batch_size: unknown key (did you mean 'minibatch_size'?); valid keys: actor_deepspeed, "
+         "adaptive_kl, advantage_estimator, clip_range, clip_range_value, critic, critic_deepspeed, critic_lr, data, "
+         "deepspeed, ema_decay, enabled, entropy_coef, gamma, grpo_scale_rewards, input, keep_checkpoints, kl_coef, "
+         "kl_estimator, kl_horizon, kl_in, lam, logging_steps, lora, loss_agg, lr, lr_scheduler, max_grad_norm, "
+         "max_new_tokens, max_prompt_length, max_steps, min_new_tokens, minibatch_size, missing_eos_penalty, "
+         "normalize_reward, ppo_epochs, reward_clip, reward_model, rollout_batch_size, samples_per_prompt, "
+         "sampling_seed, save_steps, target_kl, temperature, top_p, warmup_steps, weight_decay, whiten_advantages"),
+    Case("override-without-equals", "run demo.yaml --run-dir new ppo.max_steps 3",
+         "'ppo.max_steps': an override must look like key.sub=value (e.g. ppo.max_steps=10)"),
+    Case("wrong-type", "run tiny.yaml --run-dir new --stages pretrain,sft pretrain.batch_size=four",
+         "tiny.yaml: pretrain.batch_size: expected an integer, got 'four'"),
+    Case("lr-zero", "run tiny.yaml --run-dir new --stages pretrain,sft sft.lr=0",
+         "tiny.yaml: sft.lr: must be > 0 (got 0.0)"),
+    Case("lr-negative", "run tiny.yaml --run-dir new --stages pretrain,sft reward.lr=-1e-4",
+         "tiny.yaml: reward.lr: must be > 0 (got -0.0001)"),
+    Case("rollout-not-dividing-ranks",
+         "run tiny.yaml --run-dir new --stages pretrain,sft ppo.enabled=true deepspeed.num_gpus=3",
+         "tiny.yaml: ppo.rollout_batch_size: must divide across 3 ranks (got 16)"),
+    Case("minibatch-not-dividing-ranks", "run tiny.yaml --run-dir new --stages pretrain,sft ppo.enabled=true "
+         "deepspeed.num_gpus=3 ppo.rollout_batch_size=24 ppo.minibatch_size=8",
+         "tiny.yaml: ppo.minibatch_size: must divide across 3 ranks (got 8)"),
+    Case("minibatch-above-rollout",
+         "run tiny.yaml --run-dir new --stages pretrain,sft ppo.rollout_batch_size=8 ppo.minibatch_size=16",
+         "tiny.yaml: ppo.minibatch_size: must be <= rollout_batch_size x samples_per_prompt (8)"),
+    Case("clip-range-zero", "run tiny.yaml --run-dir new --stages pretrain,sft ppo.clip_range=0",
+         "tiny.yaml: ppo.clip_range: must be > 0 (got 0.0)"),
+    Case("value-clip-negative", "run tiny.yaml --run-dir new --stages pretrain,sft ppo.clip_range_value=-0.1",
+         "tiny.yaml: ppo.clip_range_value: must be > 0 (got -0.1)"),
+    Case("gamma-above-1", "run tiny.yaml --run-dir new --stages pretrain,sft ppo.gamma=1.5",
+         "tiny.yaml: ppo.gamma: must be in [0, 1] (got 1.5)"),
+    Case("lambda-below-0", "run tiny.yaml --run-dir new --stages pretrain,sft ppo.lam=-0.1",
+         "tiny.yaml: ppo.lam: must be in [0, 1] (got -0.1)"),
+    Case("grpo-one-sample", "run tiny.yaml --run-dir new ppo.advantage_estimator=grpo",
+         "tiny.yaml: ppo.samples_per_prompt: must be >= 2 for advantage_estimator grpo (its baseline is the other "
+         "samples of the same prompt; got 1)"),
+    Case("estimator-typo", "run bad.yaml --run-dir new",
+         "bad.yaml: ppo.advantage_estimator: got 'gea' (did you mean 'gae'?); allowed: 'gae', 'grpo', 'rloo', "
+         "'reinforce_pp'",
+         files={"bad.yaml": b"ppo:\n  advantage_estimator: gea\n"}),
+    Case("kl-estimator-unknown", "run tiny.yaml --run-dir new ppo.kl_estimator=k4",
+         "tiny.yaml: ppo.kl_estimator: got 'k4'; allowed: 'k1', 'k2', 'k3'"),
+    Case("precision-typo", "run tiny.yaml --run-dir new deepspeed.precision=bf61",
+         "tiny.yaml: deepspeed.precision: got 'bf61' (did you mean 'bf16'?); allowed: 'auto', 'fp32', 'bf16', 'fp16'"),
+    Case("data-format-typo", "run tiny.yaml --run-dir new sft.data.format=mesages",
+         "tiny.yaml: sft.data.format: must be one of auto, messages, prompt_completion, text (got 'mesages'; did you "
+         "mean 'messages'?)"),
+    Case("loss-agg-typo", "run tiny.yaml --run-dir new ppo.loss_agg=token_sum",
+         "tiny.yaml: ppo.loss_agg: got 'token_sum' (did you mean 'token_mean'?); allowed: 'token_mean', "
+         "'seq_mean_token_sum'"),
+    Case("judge-typo", "run demo.yaml --run-dir new eval.judge=vadr",
+         "eval.judge: 'vadr' (did you mean 'vader'?) is not 'vader', a 'module:callable', a reward-model dir or a "
+         "hub id"),
+    Case("judge-typo-existing-run", "run demo.yaml --run-dir run eval.judge=vadr",
+         "eval.judge: 'vadr' (did you mean 'vader'?) is not 'vader', a 'module:callable', a reward-model dir or a "
+         "hub id"),
+    Case("judge-hub-id-offline", "run demo.yaml --run-dir new eval.judge=org/not-cached-model",
+         "eval.judge: 'org/not-cached-model' is not a local path, not in the local hub cache, and the Hugging Face "
+         "hub is offline"),
+    Case("judge-callable-missing", "run demo.yaml --run-dir new eval.judge=os:no_such_thing",
+         "eval.judge: judge 'os:no_such_thing': module 'os' has no attribute 'no_such_thing'"),
+    Case("judge-is-the-optimised-rm", "run demo.yaml --run-dir new ppo.reward_model=rm eval.judge=rm",
+         "eval.judge: rm is the reward model PPO optimised (rm); a judge must be independent of it: vader, another "
+         "(gold) reward model, or module:callable",
+         make=lambda stack: Path("rm").mkdir()),
+    # --- run dirs
+    Case("run-dir-is-a-file", "run demo.yaml --run-dir afile", "--run-dir: afile is a file, not a directory"),
+    Case("run-dir-under-a-file", "run demo.yaml --run-dir afile/sub",
+         "--run-dir: afile is a file, so afile/sub cannot be created"),
+    Case("run-dir-of-another-run", "run demo.yaml --run-dir run --stages pretrain run.name=other",
+         "run: run dir holds pipeline run 'demo', not 'other'; use another --run-dir"),
+    Case("run-dir-in-use", "run demo.yaml --run-dir run --stages pretrain",
+         "run: run dir is in use by another process; wait for it or use another --run-dir", make=held_lock),
+    Case("stage-without-upstream", "run tiny.yaml --run-dir new --stages sft",
+         "sft.input is not set and stage 'pretrain' has no completed checkpoint in new/pretrain/final; run "
+         "'pretrain' first or set sft.input"),
+    Case("ppo-without-reward-model", "run demo.yaml --run-dir new --stages pretrain,sft,ppo",
+         "ppo.reward_model is not set and stage 'reward' has no completed checkpoint in new/reward/final; run "
+         "'reward' first or set ppo.reward_model"),
+    # --- data and model paths, first rows
+    Case("sft-data-missing", "run tiny.yaml --run-dir new sft.data.train=/nonexistent/train.jsonl",
+         "sft.data.train: data file not found: /nonexistent/train.jsonl"),
+    Case("ppo-data-missing", "run demo.yaml --run-dir new ppo.data.train=/nope/p.jsonl",
+         "ppo.data.train: data file not found: /nope/p.jsonl"),
+    Case("ppo-data-fields-unknown", "run demo.yaml --run-dir new ppo.data.train=q.jsonl",
+         "q.jsonl: row 1: no ppo format fits the fields (question); expected `prompt` or `messages` (rename with "
+         "ppo.data.columns)"),
+    Case("sft-row-missing-field", "run demo.yaml --run-dir new sft.data.train=p.jsonl",
+         "p.jsonl: row 1: field 'completion' is missing (format 'prompt_completion')"),
+    Case("sft-data-blank", "run tiny.yaml --run-dir new sft.data.train=blank.jsonl",
+         "sft.data.train: blank.jsonl: file is empty",
+         files={"blank.jsonl": "\n  \n\n"}),
+    Case("eval-prompts-missing", "run demo.yaml --run-dir new eval.prompts=/nope/e.jsonl",
+         "eval.prompts: data file not found: /nope/e.jsonl"),
+    Case("model-path-missing", "run demo.yaml --run-dir new sft.input=/nope/model",
+         "sft.input: path not found: /nope/model"),
+    Case("tokenizer-path-missing", "run tiny.yaml --run-dir new pretrain.tokenizer=/nonexistent/tokenizer",
+         "pretrain.tokenizer: path not found: /nonexistent/tokenizer"),
+    Case("model-hub-id-offline", "run tiny.yaml --run-dir new sft.input=some-org/some-model",
+         "sft.input: 'some-org/some-model' is not a local path and the Hugging Face hub is offline (HF_HUB_OFFLINE "
+         "or HF_DATASETS_OFFLINE is set, or huggingface.co cannot be reached)", within_s=20),
+    Case("data-hub-id-offline", "run tiny.yaml --run-dir new sft.data.train=some-org/some-dataset",
+         "sft.data.train: 'some-org/some-dataset' is not a local path and the Hugging Face hub is offline "
+         "(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set, or huggingface.co cannot be reached)",
+         within_s=20),
+    # --- other commands given a path that is not what they need
+    Case("status-not-a-run-dir", "status notrun", "notrun: not a run dir (no config.yaml; `rlhf run` makes one)"),
+    Case("status-of-a-file", "status afile", "afile: is a file, not a run dir"),
+    Case("status-missing", "status missing", "missing: run dir not found"),
+    Case("report-not-a-run-dir", "report notrun", "notrun: not a run dir (no config.yaml; `rlhf run` makes one)"),
+    Case("eval-not-a-run-dir", "eval notrun", "notrun: not a run dir (no config.yaml; `rlhf run` makes one)"),
+    Case("resume-not-a-run-dir", "resume notrun", "notrun: not a run dir (no config.yaml; `rlhf run` makes one)"),
+    Case("resume-from-final", "resume run --stage pretrain --from run/pretrain/final",
+         "--from: run/pretrain/final is not a checkpoint of stage 'pretrain' of this run (expected "
+         "run/pretrain/checkpoint-N)"),
+    Case("resume-from-without-stage", "resume run --from run/pretrain/final",
+         "--from needs --stage (which stage the checkpoint belongs to)"),
+    Case("generate-out-a-directory", "generate run/pretrain/final --prompts p.jsonl --out notrun",
+         "--out: notrun is a directory; give a file path such as notrun/responses.jsonl"),
+    Case("generate-out-dir-missing", "generate run/pretrain/final --prompts p.jsonl --out nodir/out.jsonl",
+         "--out: directory nodir does not exist"),
+]
+
+
+@pytest.fixture
+def place(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("RLHF_DEBUG", "")
+    Path("demo.yaml").write_text(DEMO.read_text())
+    Path("tiny.yaml").write_text(TINY.read_text())
+    Path("run/pretrain/final").mkdir(parents=True)
+    Path("run/config.yaml").write_text(DEMO.read_text())
+    Path("run/.lock").write_text("")
+    Path("notrun").mkdir()
+    Path("afile").write_text("x")
+    Path("q.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
+    Path("p.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    return tmp_path
+
+
+def contents(place: Path) -> dict[str, str]:
+    """Every path under `place`: 'dir', or a file's sha256; only the pid in a run dir's .lock may change, since
+    the lock is taken (and the pid written) before the run dir's owner is checked."""
+    return {str(p.relative_to(place)): "dir" if p.is_dir() else "lock" if p.name == ".lock"
+            else hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(place.rglob("*"))}
+
+
+def prepare(case: Case, stack: ExitStack) -> None:
+    for name, text in case.files.items():
+        (Path(name).write_bytes if isinstance(text, bytes) else Path(name).write_text)(text)
+    if case.make:
+        case.make(stack)
+
+
+def rlhf_here(command: str, capsys) -> tuple[int, str, str, float]:
+    """`rlhf COMMAND` in this process: (exit code, stdout, stderr, seconds)."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        main(shlex.split(command))
+    elapsed = time.monotonic() - started
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err, elapsed
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bad_input_gets_its_one_line(place, capsys, case):
+    with ExitStack() as stack:
+        prepare(case, stack)
+        before = contents(place)
+        code, out, err, elapsed = rlhf_here(case.command, capsys)
+    assert (code, err, out) == (2, f"error: {case.line}\n", "")  # nothing on stdout: no stage starts
+    assert contents(place) == before
+    if case.within_s:
+        assert elapsed < case.within_s
+
+
+def test_the_catalogue_has_forty_cases_or_more():
+    names = [case.name for case in CASES]
+    assert len(set(names)) == len(names) >= 40
