@@ -96,6 +96,33 @@ def check_reward_head(path: Path, key: str) -> None:
         raise UserError(f"{key}: {path} has {outputs} outputs (config.json); a reward model needs exactly one")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_tokenizer_fits(model_dir: Path, tokenizer_dir: Path, key: str) -> None:
+    """A tokenizer with ids the model cannot embed would fail at the first batch, after the launch: say
+    so now, from the model's config.json and the tokenizer alone (no weights are read)."""
+    config = read_json(model_dir / "config.json")
+    if not isinstance(config, dict):
+        return  # adapters only: the stage checks the loaded model
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not vocab or not any((tokenizer_dir / name).exists() for name in TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        size = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    except Exception:  # noqa: BLE001 - one that does not load is reported by the stage, with its own message
+        return
+    if size <= vocab:
+        return
+    if tokenizer_dir.resolve() == model_dir.resolve():
+        raise UserError(f"{key}: {model_dir}: its tokenizer has {size} tokens but its config.json vocab_size is "
+                        f"{vocab}, so the model cannot embed them all; resize the embeddings and save it again")
+    raise UserError(f"{key}: the tokenizer in {tokenizer_dir} has {size} tokens but the model in {model_dir} embeds "
+                    f"only {vocab} (config.json vocab_size); resize the embeddings or use the model's own tokenizer")
+
+
 def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) -> None:
     """Checks for a stage about to launch (not one being skipped): hub access, weights format, reward head."""
     from pipeline.data import hub_reachable, is_local_source
@@ -112,6 +139,9 @@ def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) ->
             check_model_dir(local, INPUT_KEYS[stage][key])
             if key == "reward_model":
                 check_reward_head(local, INPUT_KEYS[stage][key])
+            given = (inputs.get("tokenizer") or {}).get("path") if key == "model" else None  # pretrain.tokenizer
+            tokenizer = Path(given).expanduser() if given else local
+            check_tokenizer_fits(local, tokenizer, INPUT_KEYS[stage]["tokenizer" if given else key])
     for split in ("train", "eval"):
         source = getattr(cfg.stage(stage).data, split)
         if source and not source.startswith(movie_reviews.PREFIX) and not is_local_source(source):
@@ -124,10 +154,13 @@ def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) ->
 
 def check_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]) -> None:
     """Everything that can be checked without training, for every selected stage, before `rlhf run`
-    writes config.yaml or launches: the run dir, data files and their first rows, model paths, the judge."""
+    writes config.yaml or launches: the run dir, data files and their first rows, the judge, and the
+    model inputs that exist now (weights format, reward head, tokenizer fit, hub access)."""
     from pipeline.data import check_first_row
 
     check_new_run_dir(run_dir.root)
     for i, stage in enumerate(stages):
-        preflight(cfg, stage, run_dir, stage_inputs(cfg, stage, run_dir, upcoming=stages[:i]))
+        inputs = stage_inputs(cfg, stage, run_dir, upcoming=stages[:i])  # without what an earlier stage makes
+        preflight(cfg, stage, run_dir, inputs)
+        preflight_launch(cfg, stage, inputs)
         check_first_row(cfg.stage(stage).data, stage, stage)
