@@ -2,6 +2,7 @@
 
     python bench/ppo_step.py [--steps 30] [--warmup 5] [--out bench/results/ppo_step.json]
     python bench/ppo_step.py --sizes     # three model sizes against a bare-PyTorch loop (bench/sizes.py)
+    python bench/ppo_step.py --estimators gae,grpo,rloo,reinforce_pp   # beside TRL's GRPOTrainer (bench/estimators.py)
 
 It builds a fixed setting in a temp dir (tokenizer, policy, reward/value model, prompts), then runs
 the real stage through the CLI (`rlhf run` on a PPO-only config) three times: 1 rank ZeRO-0,
@@ -312,7 +313,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="130k,1.6M,25M", help="with --sizes: comma-separated subset of sizes")
     parser.add_argument("--bare-threads", default="1",
                         help="with --sizes: thread counts for the bare loop, e.g. 1,2 (the fastest is the ceiling)")
+    parser.add_argument("--estimators", default=None,
+                        help="comma-separated ppo.advantage_estimator values (gae, grpo, rloo, reinforce_pp): our step "
+                             "for each at equal prompts x samples x new tokens, beside TRL's GRPOTrainer "
+                             "(bench/estimators.py); default --out bench/results/ppo_estimators.json")
+    parser.add_argument("--repeats", type=int, default=1, help="with --estimators: run every row this many times, "
+                                                               "interleaved; report the median")
+    parser.add_argument("--no-trl", action="store_true", help="with --estimators: leave out the TRL GRPOTrainer row")
+    parser.add_argument("--smoke", action="store_true", help="with --estimators: 3 steps per row, 1 dropped (checks "
+                                                             "that it runs; the times mean nothing)")
     args = parser.parse_args(argv)
+    if args.smoke and not args.estimators:
+        parser.error("--smoke goes with --estimators")
+    if args.estimators:
+        import estimators
+
+        names = args.estimators.split(",")
+        if not names or set(names) - set(estimators.ESTIMATORS):
+            parser.error(f"--estimators: choices are {', '.join(estimators.ESTIMATORS)}")
+        explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        out = args.out if "--out" in explicit else str(ROOT / "bench" / "results" / "ppo_estimators.json")
+        steps = args.steps if "--steps" in explicit or not args.smoke else estimators.SMOKE_STEPS
+        warmup = args.warmup if "--warmup" in explicit or not args.smoke else estimators.SMOKE_WARMUP
+        if steps <= warmup or args.repeats < 1:
+            parser.error("--steps must exceed --warmup, and --repeats be >= 1")
+        estimators.main(names, Path(out), args.workdir, steps, warmup, args.repeats, trl=not args.no_trl)
+        return
     if args.sizes:
         import sizes
 
