@@ -109,11 +109,16 @@ def check_tokenizer_fits(model_dir: Path, tokenizer_dir: Path, key: str) -> None
     if not vocab or not any((tokenizer_dir / name).exists() for name in TOKENIZER_FILES):
         return
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notes on config.json are the stage's to print, not this check's
     try:
         size = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     except Exception:  # noqa: BLE001 - one that does not load is reported by the stage, with its own message
         return
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if size <= vocab:
         return
     if tokenizer_dir.resolve() == model_dir.resolve():

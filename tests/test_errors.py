@@ -160,16 +160,17 @@ def _no_template(tokenizer) -> None:
 
 
 @pytest.mark.parametrize("edit, data, culprits", [
-    (_more_tokens, None, ["tokenizer has 403 tokens", "embeds only 400"]),
+    # found from config.json and the tokenizer before anything launches
+    (_more_tokens, None, ["sft.input:", "its tokenizer has 403 tokens but its config.json vocab_size is 400"]),
     (_no_template, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
-     ["rows are chat turns", "has no chat template"]),
+     ["stage 'sft' failed", "rows are chat turns", "has no chat template"]),
 ], ids=["vocab-above-embeddings", "no-chat-template"])
 def test_model_tokenizer_mismatch_is_refused(run_dir, rlhf_here, tmp_path, pretrained, edit, data, culprits):
     model = model_variant(pretrained, tmp_path / "model", tokenizer_edit=edit)
     overrides = [f"sft.input={model}"] + ([f"sft.data.train={write_jsonl(tmp_path / 'chat.jsonl', data * 4)}"]
                                            if data else [])
     before = checkpoint_files(run_dir)
-    line = refused(rlhf_here(*run_args(run_dir, "sft", *overrides)), "stage 'sft' failed", *culprits)
+    line = refused(rlhf_here(*run_args(run_dir, "sft", *overrides)), *culprits)
     assert str(model) in line
     assert not (run_dir / "sft" / "final").exists()
     assert_untouched(run_dir, before)
