@@ -3,6 +3,7 @@ in-process process-group teardown."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,22 +34,41 @@ def communicate(args, env: dict[str, str], timeout: int, merge_output: bool = Fa
     return proc.returncode, stdout, stderr or ""
 
 
-def kill_when(cmd: list[str], marker: Path, log_path: Path, env: dict[str, str], timeout: int,
-              cwd: Path | None = None) -> int | None:
-    """Run `cmd` (output to `log_path`) and SIGKILL its whole process group as soon as `marker` exists.
+def stopped_ranks(pgid: int) -> int:
+    """How many processes of process group `pgid` are stopped (state T): ranks held at a fault point."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        count += fields[0] == "T" and int(fields[2]) == pgid  # fields: state, ppid, pgrp, ...
+    return count
 
-    Returns None when it was killed, or its exit code when it finished before the poll saw the marker.
+
+def kill_at_checkpoint(cmd: list[str], checkpoint: Path, log_path: Path, env: dict[str, str], timeout: int,
+                       ranks: int = 1, cwd: Path | None = None) -> None:
+    """Run `cmd` (output to `log_path`) until its `ranks` ranks have finished `checkpoint` (RUN/<stage>/checkpoint-N)
+    and stopped there, then SIGKILL its whole process group (the CLI, the launcher and the ranks).
+
+    Not a race against a poll: `RLHF_TEST_FAULT` (pipeline/checkpoint.py) makes each rank stop itself once the
+    checkpoint is complete, so the run can neither finish nor go on before the kill. Fails the test if the
+    ranks never stop there.
     """
+    from pipeline.checkpoint import FAULT_ENV
+
+    fault = f"{checkpoint.parent.name}:{checkpoint.name.split('-')[1]}:saved"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env={**env, FAULT_ENV: fault}, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        finished = proc.poll() is not None
-        if not finished:
-            os.killpg(proc.pid, signal.SIGKILL)  # the CLI, the launcher and the worker: one process group
+        while stopped_ranks(proc.pid) < ranks and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held = stopped_ranks(proc.pid) == ranks
+        with contextlib.suppress(ProcessLookupError):  # a run that ended on its own left no group behind
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    return proc.returncode if finished else None
+    assert held, f"the ranks never stopped after {checkpoint}:\n{log_path.read_text()[-4000:]}"
 
 
 def destroy_process_group() -> None:

@@ -5,7 +5,6 @@ ZeRO-3 ranks in lockstep."""
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -99,7 +98,7 @@ def test_bad_estimator_settings_are_refused(overrides, message):
 
 from tests.test_ppo_stage import (RUN_TIMEOUT_S, assert_same_weights, cli_env, final_weights, metric_rows,  # noqa: E402
                                   rlhf_command, rlhf_run, tiny, without_time, write_config)
-from tests.conftest import kill_when  # noqa: E402
+from tests.conftest import kill_at_checkpoint  # noqa: E402
 
 __all__ = ["tiny"]  # module fixture shared with the PPO stage's tests
 GRPO = dict(advantage_estimator="grpo", samples_per_prompt=2, rollout_batch_size=4, minibatch_size=4,
@@ -120,11 +119,8 @@ def test_grpo_builds_three_models_and_resumes_exactly_after_a_kill(tiny, tmp_pat
     rows = metric_rows(run_a)
     assert sorted(rows) == [1, 2, 3, 4] and "ppo/value_loss" not in rows[4] and "ppo/kl_loss" in rows[4]
 
-    marker = run_b / "ppo" / "checkpoint-2" / "ppo_state.json"
-    code = kill_when(rlhf_command(config, run_b), marker, tmp_path / "killed.log", cli_env(), RUN_TIMEOUT_S)
-    assert marker.exists(), (tmp_path / "killed.log").read_text()[-4000:]
-    if code is not None:  # it outran the poll: drop the result so the rerun has to resume from checkpoint-2
-        shutil.rmtree(run_b / "ppo" / "final")
+    kill_at_checkpoint(rlhf_command(config, run_b), run_b / "ppo" / "checkpoint-2", tmp_path / "killed.log", cli_env(),
+                       RUN_TIMEOUT_S)
     out = rlhf_run(config, run_b)
     assert f"resumed from {run_b / 'ppo' / 'checkpoint-2'} at step 2" in out, out[-4000:]
     assert_same_weights(final_weights(run_a), final_weights(run_b))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import yaml
 
 from pipeline.config import ModelArch
 from pipeline.generation import left_pad, response_mask
-from tests.conftest import destroy_process_group, kill_when
+from tests.conftest import destroy_process_group, kill_at_checkpoint
 
 pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
 
@@ -308,13 +307,8 @@ def test_resume_after_kill_matches_the_uninterrupted_run(one_rank_run, tmp_path)
     config, run_a = one_rank_run
     run_b = tmp_path / "run_b"
     no_eval = "eval.enabled=false"  # the judge runs after the actor is saved: it cannot change what is compared
-    marker = run_b / "ppo" / "checkpoint-2" / "ppo_state.json"  # written last: the checkpoint is complete
-    log_path = tmp_path / "killed_run.log"
-    code = kill_when(rlhf_command(config, run_b, no_eval), marker, log_path, cli_env(), RUN_TIMEOUT_S)
-    assert marker.exists(), log_path.read_text()[-4000:]
-    if code is not None:  # it outran the poll: drop the result so the rerun still has to resume from checkpoint-2
-        assert code == 0, log_path.read_text()[-4000:]
-        shutil.rmtree(run_b / "ppo" / "final")
+    kill_at_checkpoint(rlhf_command(config, run_b, no_eval), run_b / "ppo" / "checkpoint-2", tmp_path / "killed.log",
+                       cli_env(), RUN_TIMEOUT_S)
 
     out = rlhf_run(config, run_b, no_eval)
     assert f"resumed from {run_b / 'ppo' / 'checkpoint-2'} at step 2" in out, out[-4000:]

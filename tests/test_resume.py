@@ -37,7 +37,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import FAULT_ENV, complete_checkpoints
-from tests.conftest import RLHF, ROOT, TINY
+from tests.conftest import RLHF, ROOT, TINY, stopped_ranks
 
 pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
 
@@ -82,18 +82,6 @@ def run_ok(config: Path, run_dir: Path, *args: str) -> str:
     code, out = finish(start(config, run_dir, *args))
     assert code == 0, f"rlhf run exited {code}:\n{out}"
     return out
-
-
-def stopped_ranks(pgid: int) -> int:
-    """How many processes of process group `pgid` are stopped (state T): ranks held at a fault point."""
-    count = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        count += fields[0] == "T" and int(fields[2]) == pgid  # fields: state, ppid, pgrp, ...
-    return count
 
 
 def kill_after_checkpoint(config: Path, run_dir: Path, stage: str, step: int, ranks: int, *args: str) -> None:

@@ -11,7 +11,6 @@ secrets; the final manifest metrics in the summary; a SIGKILLed PPO stage resumi
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import zlib
@@ -22,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 
 from pipeline.tracking import scrub
-from tests.conftest import kill_when
+from tests.conftest import kill_at_checkpoint
 from tests.test_ppo_stage import RUN_TIMEOUT_S, cli_env, rlhf_command, tiny, write_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
@@ -279,13 +278,8 @@ def test_killed_ppo_stage_resumes_the_same_run(tiny, tmp_path):
     config = write_config(tmp_path / "ppo.yaml", tiny, save_steps=2, **PPO)
     run_dir = tmp_path / "run"
     marker = run_dir / "ppo" / "checkpoint-2" / "ppo_state.json"  # written last: the checkpoint is complete
-    log_path = tmp_path / "killed_run.log"
-    code = kill_when(rlhf_command(config, run_dir, *WANDB), marker, log_path, wandb_env(tmp_path), RUN_TIMEOUT_S,
-                     cwd=tmp_path)
-    assert marker.exists(), log_path.read_text()[-4000:]
-    if code is not None:  # it outran the poll: drop the result so the rerun still resumes from checkpoint-2
-        assert code == 0, log_path.read_text()[-4000:]
-        shutil.rmtree(run_dir / "ppo" / "final")
+    kill_at_checkpoint(rlhf_command(config, run_dir, *WANDB), marker.parent, tmp_path / "killed_run.log",
+                       wandb_env(tmp_path), RUN_TIMEOUT_S, cwd=tmp_path)
     run_id = (run_dir / "ppo" / "wandb_run_id").read_text().strip()
     assert json.loads(marker.read_text())["wandb_run_id"] == run_id
 
