@@ -166,26 +166,55 @@ def test_nvme_offload_needs_its_path_and_the_async_io_op(tmp_path, monkeypatch):
         assert (setup.offload_optimizer, setup.offload_param) == ("nvme", "nvme"), stage
 
 
+# DeepSpeed swaps no tensor smaller than 1 MiB to NVMe (MIN_AIO_BYTES in deepspeed/runtime/swap_tensor/utils.py;
+# aio.block_size if larger) and keeps it in memory instead. tests/configs/tiny.yaml's model (3e4 parameters)
+# never reaches that, so the NVMe run pretrains a wider one: 462,848 trainable parameters in one optimizer
+# sub-group, 1.85 MB in fp32 (no single weight over 1 MiB).
+NVME_MODEL = "pretrain.model={hidden_size: 128, num_layers: 2, num_heads: 2, intermediate_size: 384}"
+
+
 def test_zero3_nvme_trains_where_async_io_builds_and_is_refused_where_it_cannot(tmp_path):
-    """This machine decides the branch: with libaio the stage trains and swaps to `nvme_path`; without it (the
-    2-core CI box) the stage stops before DeepSpeed starts, with the one-line reason and nothing published."""
+    """This machine decides the branch: with libaio the stage trains, stepping its optimizer on state that
+    DeepSpeed swapped out to files under `nvme_path`; without it (the 2-core CI box) the stage stops before
+    DeepSpeed starts, with the one-line reason and nothing published.
+
+    Parameters are swapped to NVMe only past `offload_param.max_in_cpu` elements (DeepSpeed's default 1e9) and
+    only where one is over 1 MiB, so the model's weights stay in CPU memory here, as on any model that fits it."""
     from pipeline.orchestrator import run_pipeline
+    from stages import pretrain
 
     swap = tmp_path / "nvme"
     swap.mkdir()
     run_dir = tmp_path / "run"
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": f"review number {i} was fine"}) + "\n" for i in range(40)))
-    args = (str(TINY), [f"deepspeed.config={json.dumps(nvme_config(swap))}", "pretrain.max_steps=1",
+    args = (str(TINY), [f"deepspeed.config={json.dumps(nvme_config(swap))}", NVME_MODEL, "pretrain.max_steps=1",
                         "pretrain.save_steps=null", f"pretrain.data.train={texts}", "pretrain.data.eval=null"],
             "pretrain", str(run_dir))
-    with launcher_in_process():
+    engines: list = []
+    with launcher_in_process() as mp:
+        spy(mp, pretrain, "train_metrics", engines)
         if ds_config.async_io_available():
             run_pipeline(*args)
-            assert manifest(run_dir, "pretrain")["metrics"]["steps"] == 1
-            assert any(p.is_file() for p in swap.rglob("*")), "nothing was swapped to nvme_path"
         else:
             with pytest.raises(UserError, match=r"pretrain\.deepspeed\.config: NVMe offload needs DeepSpeed's "
                                                 r"async_io op, which cannot be built on this machine \(libaio"):
                 run_pipeline(*args)
-            assert not (run_dir / "pretrain" / "final").exists() and not list(swap.iterdir())
+            assert not engines and not (run_dir / "pretrain" / "final").exists() and not list(swap.iterdir())
+            return
+
+    assert manifest(run_dir, "pretrain")["metrics"]["steps"] == 1
+    [((trainer,), _, _)] = engines
+    engine = trainer.model_wrapped
+    optimizer = engine.optimizer
+    assert engine.zero_optimization_stage() == 3 and optimizer.swap_optimizer
+    assert isinstance(optimizer.optimizer, cpu_adam()) and int(adam_state(engine)[0]["step"]) == 1
+    folder = swap / "zero_stage_3" / "optimizer" / "rank0"
+    assert Path(optimizer.optimizer_swapper.swap_folder) == folder
+    # One file each for the fp32 master partition and the two Adam moments of the sub-group (measured with libaio:
+    # 1,849,344 bytes each, 512 elements short of the sub-group's 462,848, hence the 1% slack).
+    trainable = manifest(run_dir, "pretrain")["metrics"]["sharding"]["engines"]["model"]["trainable_total"]
+    numel = sum(optimizer.fp16_partitioned_groups_flat_numel)
+    files = {f.name: f.stat().st_size for f in folder.iterdir()}
+    assert numel > 0.99 * trainable and len(files) == 3 and len(set(files.values())) == 1, (numel, trainable, files)
+    assert all(size >= 0.99 * 4 * numel for size in files.values()), (numel, files)
