@@ -142,18 +142,34 @@ def release_shm(port: int | None = None, min_age_s: float = 60.0) -> int:
     return removed
 
 
-def clear_stale_extension_locks(max_age_s: float = 120.0) -> int:
+def _open_files() -> set[str]:
+    """Every path some live process holds open (its /proc/<pid>/fd links)."""
+    held = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            held.add(os.readlink(fd))
+        except OSError:
+            continue
+    return held
+
+
+def clear_stale_extension_locks(min_age_s: float = 10.0) -> int:
     """Remove torch-extension build locks left by a process killed while holding one.
 
-    Every rank takes `~/.cache/torch_extensions/*/<op>/lock` briefly when it loads DeepSpeed's
-    CPU communication op (a real build takes ~30 s); a rank killed at that moment leaves the file
-    and every later rank waits on it forever. A lock older than `max_age_s` is such a leftover.
+    Every rank takes `~/.cache/torch_extensions/*/<op>/lock` when it loads a DeepSpeed op (the CPU
+    communication op at start-up, CPU Adam for offload: a build takes 30 s to several minutes); a rank
+    killed meanwhile leaves the file and every later rank waits on it forever. torch's FileBaton keeps
+    the lock file open while it builds, so a lock no live process holds open is such a leftover; one
+    being built is never touched, however long the build takes.
     """
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    removed = 0
-    for lock in root.glob("*/*/lock"):
+    locks = list(root.glob("*/*/lock"))
+    if not locks:
+        return 0
+    held, removed = _open_files(), 0
+    for lock in locks:
         try:
-            if time.time() - lock.stat().st_mtime > max_age_s:
+            if str(lock.resolve()) not in held and time.time() - lock.stat().st_mtime > min_age_s:
                 lock.unlink()
                 removed += 1
         except OSError:

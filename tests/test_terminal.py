@@ -84,3 +84,28 @@ def test_a_data_error_inside_a_stage_is_one_line_with_the_log(pretrained, tmp_pa
 
     code, verbose = rlhf("--run-dir", run_dir, "--stages", "sft", f"sft.data.train={data}", "--verbose")
     assert code == 2 and LAUNCHER_LINE.search(verbose) and verbose.strip().splitlines()[-1] == out.strip().splitlines()[-1]
+
+
+def test_only_extension_locks_no_live_process_holds_are_cleared(tmp_path, monkeypatch):
+    """A build in progress keeps its lock open however long it takes (CPU Adam: minutes); a killed
+    builder's lock is closed and goes."""
+    import os
+    import time
+
+    from pipeline.launch import clear_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    locks = {name: tmp_path / "py311_cpu" / name / "lock" for name in ("building", "killed", "just_made")}
+    for lock in locks.values():
+        lock.parent.mkdir(parents=True)
+        lock.write_text("")
+    hour_ago = time.time() - 3600
+    for name in ("building", "killed"):
+        os.utime(locks[name], (hour_ago, hour_ago))
+    fd = os.open(locks["building"], os.O_RDONLY)  # as torch's FileBaton holds it while building
+    try:
+        assert clear_stale_extension_locks() == 1
+    finally:
+        os.close(fd)
+    assert {name: lock.exists() for name, lock in locks.items()} == {"building": True, "killed": False,
+                                                                     "just_made": True}
