@@ -151,11 +151,12 @@ class CompleteCheckpoints(TrainerCallback):
 
 
 def check_finite(stage: str, values: dict[str, Any], step: int, stage_dir: Path) -> None:
-    """Stop on the first NaN/inf among `values`, naming the step and the last good checkpoint (kept as is)."""
+    """Stop on the first NaN/inf among `values` (None: not measured), naming the step and the last good
+    checkpoint (kept as is). Every stage's guard, the PPO loop's too."""
     for key, value in values.items():
         if value is not None and not math.isfinite(value):
             good = complete_checkpoints(stage_dir)
-            raise UserError(f"{stage}: {key} is {value} at step {step}; last good checkpoint: "
+            raise UserError(f"{stage}: {key} is not finite at step {step} ({key} is {value}); last good checkpoint: "
                             f"{good[-1] if good else 'none (nothing saved yet)'}")
 
 
