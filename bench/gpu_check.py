@@ -319,7 +319,8 @@ def check_model(name: str, args, device, dtype, figures: dict) -> dict:
         reset_peak(device)
         values, raw = xp.value_scores(models, r)
         engine_peak["reward"] = peak(device)  # critic + reward forwards
-    kl, _, adv, returns = xp.advantages(logprobs, ref_logprobs, values, raw, r, section, section.kl_coef)
+    advantages = xp.advantages(xp.Scores(logprobs, ref_logprobs, values, raw), raw, r, section, section.kl_coef)
+    adv, returns = advantages.advantages, advantages.returns
     idx = torch.arange(args.minibatch, device=device)
     mb = xp.Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.responses[idx], r.mask[idx], r.ended[idx])
     reset_peak(device)

@@ -176,7 +176,8 @@ def ppo_check(args, cfg, device, dtype, base_state) -> dict:
     from pipeline import ds_config
     from pipeline.config import PPOSection
 
-    engines, xp, maths, ppo_update = ppo_parts()
+    engines, xp, maths, ppo_update, value_process = ppo_parts(("engines", "experience", "maths", "update",
+                                                                "value_process"))
     section = PPOSection(rollout_batch_size=args.batch, minibatch_size=max(1, args.batch // 2), ppo_epochs=1,
                          max_new_tokens=args.new_tokens, lr=1e-6)
     train_ds = ds_config.resolve("zero3", micro_batch=section.minibatch_size, grad_accum=1, world_size=1,
@@ -219,9 +220,10 @@ def ppo_check(args, cfg, device, dtype, base_state) -> dict:
             return out
 
         r = phase("rollout", lambda: xp.rollout(models.actor, ids, mask, section, tokenizer, generator))
-        logprobs, ref_logprobs, values, raw = phase("score", lambda: xp.score(models, r, section.temperature))
-        kl, _, adv, returns = phase("advantages", lambda: xp.advantages(
-            logprobs, ref_logprobs, values, raw, r, section, section.kl_coef))
+        scores = phase("score", lambda: xp.score(models, value_process.InProcess(models), r, section.temperature))
+        logprobs, ref_logprobs, values = scores.logprobs, scores.ref_logprobs, scores.values
+        advantages = phase("advantages", lambda: xp.advantages(scores, scores.raw_scores, r, section, section.kl_coef))
+        kl, adv, returns = advantages.kl, advantages.advantages, advantages.returns
 
         def update():
             losses = []

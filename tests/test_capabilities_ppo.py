@@ -60,8 +60,8 @@ def run_ppo(run_dir: Path, config: Path | None = None, resume_from: Path | None 
             resume_pipeline(str(run_dir), "ppo", str(resume_from), False)
     steps = Steps()
     steps.shaped = [(args[0], result) for args, _, result in shaped]
-    # advantages(logprobs, ref_logprobs, values, scores, rollout, cfg, kl_coef) -> (kl, rewards, adv, returns)
-    steps.kl = [(args[0] - args[1], args[4].mask, args[6], result[0]) for args, _, result in kl]
+    # advantages(scores, shaped scores, rollout, cfg, kl_coef) -> Advantages
+    steps.kl = [(args[0].logprobs - args[0].ref_logprobs, args[2].mask, args[4], result.kl) for args, _, result in kl]
     steps.actor_state = [result for _, _, result in saved]
     return steps
 
@@ -135,14 +135,17 @@ def manifest(run_dir: Path) -> dict[str, Any]:
 
 def test_ema_is_the_decayed_average_of_the_actor_after_each_step(features, tiny):
     """ema_1 = d * actor_0 + (1 - d) * actor_1 (the EMA starts at the initial actor), and after the last step
-    final/ema = d * ema_2 + (1 - d) * final actor: it differs from the actor by d * (ema_2 - actor_3)."""
+    final/ema = d * ema_2 + (1 - d) * final actor: it differs from the actor by d * (ema_2 - actor_3).
+    Each checkpoint holds its EMA as checkpoint-N/ema.safetensors, not in ppo_state.json."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     ppo = features.run_dir / "ppo"
     actor_0 = weights(tiny.policy_dir)
     actor_1 = torch.load(ppo / "checkpoint-1" / "actor" / "state" / "mp_rank_00_model_states.pt",
                          weights_only=False)["module"]
-    ema_1, ema_2 = ({k: torch.tensor(v) for k, v in ppo_state(features.run_dir, s)["ema"].items()} for s in (1, 2))
+    ema_1, ema_2 = (load_file(ppo / f"checkpoint-{s}" / "ema.safetensors") for s in (1, 2))
+    assert "ema" not in ppo_state(features.run_dir, 1)
     actor_3, ema_3 = weights(ppo / "final"), weights(ppo / "final" / "ema")
     assert ema_1.keys() == {k for k in actor_0 if k != "lm_head.weight"}  # trainable weights (lm_head is tied)
     for key in ema_1:

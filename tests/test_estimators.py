@@ -63,18 +63,19 @@ def settings(**kw):
 
 def test_grpo_outcome_is_the_score_less_the_summed_kl_penalty():
     from pipeline.scoring import Rollout
-    from stages.ppo.experience import advantages
+    from stages.ppo.experience import Scores, advantages
 
     mask = torch.ones(2, 2)
     r = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.zeros(2, 2, dtype=torch.long), mask,
                 torch.tensor([True, True]))
     logprobs, ref = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]]), torch.tensor([[-2.0, -1.0], [-1.0, -1.0]])
     scores = torch.tensor([1.0, 1.0])
+    scored = Scores(logprobs, ref, values=torch.zeros(2, 2), raw_scores=scores)
     # k1 KL: row 0 sums to 1, row 1 to 0; outcome = 1 - 0.5 * 1 = 0.5 and 1; Dr. GRPO: 0.5 - 0.75 = -0.25, +0.25
-    _, _, adv, _ = advantages(logprobs, ref, torch.zeros(2, 2), scores, r, settings(), kl_coef=0.5)
+    adv = advantages(scored, scores, r, settings(), kl_coef=0.5).advantages
     torch.testing.assert_close(adv, torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))
     # KL as a loss term instead: the outcome is the score alone, equal in the group -> no advantage
-    _, _, adv, _ = advantages(logprobs, ref, torch.zeros(2, 2), scores, r, settings(kl_in="loss"), kl_coef=0.5)
+    adv = advantages(scored, scores, r, settings(kl_in="loss"), kl_coef=0.5).advantages
     assert adv.abs().max() == 0
 
 

@@ -188,6 +188,7 @@ def two_prompt_rollout(tok):
 def test_lora_reference_is_the_base_with_adapters_off(tiny, tmp_path, single_process_group):
     from stages.ppo import experience as xp
     from stages.ppo.maths import logprobs_from_logits
+    from stages.ppo.value_process import InProcess
 
     models = in_process_models(tiny, tmp_path, lora=LORA)
     assert models.reference is None and models.uses_lora  # no separate reference engine
@@ -197,23 +198,25 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny, tmp_path, single_pro
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
     r = two_prompt_rollout(tiny.tokenizer)
-    logprobs, ref_logprobs, _, _ = xp.score(models, r, temperature=1.0)
+    scores = xp.score(models, InProcess(models), r, temperature=1.0)
     with torch.no_grad():
         base = logprobs_from_logits(xp.response_logits(tiny.policy, r), r.responses)
-    torch.testing.assert_close(ref_logprobs, base)
-    assert not torch.allclose(logprobs * r.mask, base * r.mask), "the actor's adapters had no effect"
+    torch.testing.assert_close(scores.ref_logprobs, base)
+    assert not torch.allclose(scores.logprobs * r.mask, base * r.mask), "the actor's adapters had no effect"
 
 
 def test_value_process_gives_the_same_scores_updates_and_weights(tiny, tmp_path, single_process_group):
     """On one CPU rank the critic and reward model live in a second process beside the actor and the
     reference: the same operations on the same inputs, so scores, logged stats and weights are bit for
     bit those of the one-process loop (these ops are too small to be split across intra-op threads)."""
+    from dataclasses import astuple
+
     from pipeline.generation import encode_prompts
     from stages.ppo import experience as xp
     from stages.ppo.engines import build_models
-    from stages.ppo.trainer import cores_split, start_models
+    from stages.ppo.trainer import start_models
     from stages.ppo.update import update
-    from stages.ppo.value_process import ValueProcess, critic_state
+    from stages.ppo.value_process import InProcess, ValueProcess, critic_state
 
     ctx = ppo_context(tiny, tmp_path)
     cfg = ctx.config
@@ -222,29 +225,25 @@ def test_value_process_gives_the_same_scores_updates_and_weights(tiny, tmp_path,
     results = []
     for separate in (False, True):
         if separate:
-            models, runner = start_models(ctx, tok, total_updates=8)
-            assert isinstance(runner, ValueProcess)  # one CPU rank under ZeRO-0
+            models, values = start_models(ctx, tok, total_updates=8)
+            assert isinstance(values, ValueProcess)  # one CPU rank under ZeRO-0
         else:
             models = build_models(ctx, tok, total_updates=8)
-            runner = None  # all four here
+            values = InProcess(models)  # all four here
         try:
             r = xp.rollout(models.actor, ids, mask, cfg.ppo, tok, torch.Generator().manual_seed(0))
-            with cores_split(runner):
-                scored = xp.score(models, r, cfg.ppo.temperature, runner)
-            logprobs, ref_logprobs, values, raw = scored
-            kl, rewards, adv, returns = xp.advantages(logprobs, ref_logprobs, values, raw, r, cfg.ppo, 0.05)
-            exp = xp.Experience(r, logprobs, ref_logprobs, values, raw, raw, kl, rewards, adv, returns)
-            with cores_split(runner):
-                stats = update(models, exp, cfg.ppo, 2, torch.Generator().manual_seed(1), runner)
-            critic = runner.submit(critic_state).result() if runner else critic_state(models)
+            scored = xp.score(models, values, r, cfg.ppo.temperature)
+            adv = xp.advantages(scored, scored.raw_scores, r, cfg.ppo, 0.05)
+            stats = update(models, values, xp.Experience(rollout=r, scores=scored, advantages=adv), cfg.ppo, 2,
+                           torch.Generator().manual_seed(1))
+            critic = values.call(critic_state)
         finally:
-            if runner:
-                runner.close()
+            values.close()
         weights = {**{f"actor.{k}": v.detach().clone() for k, v in models.actor.module.state_dict().items()},
                    **{f"critic.{k}": v for k, v in critic.items()}}
         results.append((scored, stats, weights))
     (one_scored, one_stats, one_weights), (two_scored, two_stats, two_weights) = results
-    assert all(torch.equal(a, b) for a, b in zip(one_scored, two_scored))
+    assert all(torch.equal(a, b) for a, b in zip(astuple(one_scored), astuple(two_scored)))
     assert two_stats == one_stats
     assert one_weights.keys() == two_weights.keys()
     assert all(torch.equal(one_weights[k], two_weights[k]) for k in one_weights)
@@ -292,13 +291,15 @@ def test_zero3_scoring_matches_the_unsharded_models_and_leaves_them_sharded(tiny
     from stages.ppo import experience as xp
     from stages.ppo.engines import TokenValueModel
     from stages.ppo.maths import logprobs_from_logits
+    from stages.ppo.value_process import InProcess
 
     models = in_process_models(tiny, tmp_path, deepspeed={"config": "zero3", "num_gpus": 1})
     engines = (models.actor, models.critic, models.reference, models.reward)
     assert all(e.zero_optimization_stage() == 3 for e in engines)
     r = two_prompt_rollout(tiny.tokenizer)
 
-    logprobs, ref_logprobs, values, scores = xp.score(models, r, temperature=1.0)
+    s = xp.score(models, InProcess(models), r, temperature=1.0)
+    logprobs, ref_logprobs, values, scores = s.logprobs, s.ref_logprobs, s.values, s.raw_scores
 
     reward = TokenValueModel(AutoModelForSequenceClassification.from_pretrained(tiny.reward_dir)).eval()
     with torch.no_grad():
@@ -346,6 +347,7 @@ def test_zero3_gather_for_scoring_keeps_the_hooks_and_the_recorded_fetch_order(t
     along it from then on. Gathering a model for rollout or scoring takes its hooks off and puts the
     very same ones back, so that order stays valid: no update after scoring runs without prefetch."""
     from stages.ppo import experience as xp
+    from stages.ppo.value_process import InProcess
 
     models = in_process_models(tiny, tmp_path, deepspeed={"config": "zero3", "num_gpus": 1})
     r = two_prompt_rollout(tiny.tokenizer)
@@ -369,7 +371,7 @@ def test_zero3_gather_for_scoring_keeps_the_hooks_and_the_recorded_fetch_order(t
         assert coordinator(engine).is_complete_trace()
     before = {engine: hooks(engine) for engine in losses}
 
-    xp.score(models, r, temperature=1.0)
+    xp.score(models, InProcess(models), r, temperature=1.0)
     for engine in losses:
         assert hooks(engine) == before[engine]  # same modules, ids, hook functions and order
         assert coordinator(engine).is_complete_trace()

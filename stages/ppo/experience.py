@@ -1,5 +1,9 @@
 """PPO phases 1-3 for one rollout batch on one rank: rollout, score, advantages.
 
+Each phase hands the next a named container: `Rollout` (prompts and sampled responses), `Scores`
+(what the four models say about them), `Advantages` (what the update trains towards); the update
+reads all three as one `Experience`.
+
 Shapes: B = this rank's rollout batch, P = prompt width (left-padded), T = response width.
 """
 
@@ -14,21 +18,35 @@ from pipeline.scoring import (Rollout, last_token_scores, response_logits, respo
                              sequence_inputs)
 from pipeline.zero3 import gathered_module
 from stages.ppo import estimators, maths
-from stages.ppo.value_process import InProcess
+
+
+@dataclass
+class Scores:
+    """Phase 2: the four models on a rollout."""
+
+    logprobs: torch.Tensor  # [B, T] actor log-probs at sampling time (the "old" policy)
+    ref_logprobs: torch.Tensor  # [B, T] reference log-probs
+    values: torch.Tensor  # [B, T] critic values before each response token (zeros without a critic)
+    raw_scores: torch.Tensor  # [B] reward model at the last real token
+
+
+@dataclass
+class Advantages:
+    """Phase 3: the shaped per-token rewards and what the actor and the critic train towards."""
+
+    kl: torch.Tensor  # [B, T] per-token KL estimate used in the reward
+    rewards: torch.Tensor  # [B, T] -kl_coef * kl, plus the shaped score at the last real token
+    advantages: torch.Tensor  # [B, T] by ppo.advantage_estimator (GAE whitened if configured)
+    returns: torch.Tensor  # [B, T] advantages + values (critic targets); the advantages without a critic
 
 
 @dataclass
 class Experience:
+    """One rollout batch as phase 4 trains on it."""
+
     rollout: Rollout
-    logprobs: torch.Tensor  # [B, T] actor log-probs at sampling time (the "old" policy)
-    ref_logprobs: torch.Tensor  # [B, T] reference log-probs
-    values: torch.Tensor  # [B, T] critic values before each response token
-    raw_scores: torch.Tensor  # [B] reward model at the last real token
-    scores: torch.Tensor  # [B] after missing-EOS penalty, normalisation and clipping
-    kl: torch.Tensor  # [B, T] per-token KL estimate used in the reward
-    rewards: torch.Tensor  # [B, T] -kl_coef * kl, plus the score at the last real token
-    advantages: torch.Tensor  # [B, T] GAE, whitened if configured
-    returns: torch.Tensor  # [B, T] advantages + values (critic targets)
+    scores: Scores
+    advantages: Advantages
 
 
 def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) -> Rollout:
@@ -43,15 +61,15 @@ def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) ->
     return Rollout(prompt_ids, prompt_mask, responses, mask, ended)
 
 
-def score(models, r: Rollout, temperature: float, value_runner=None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                              torch.Tensor, torch.Tensor]:
-    """Old log-probs, reference log-probs, values and raw scores for a rollout.
+def score(models, values, r: Rollout, temperature: float) -> Scores:
+    """Phase 2: old log-probs, reference log-probs, values and raw scores for a rollout.
 
-    The critic and the reward model score through `value_runner` (stages/ppo/value_process.py;
-    here by default): in a value process they score there while the actor and the reference do here.
+    The critic and the reward model score on the value side (`values`, stages/ppo/value_process.py);
+    in a value process they do while the actor and the reference score here.
     """
-    values_and_scores = (value_runner or InProcess(models)).submit(value_scores, r)
-    return (*policy_logprobs(models, r, temperature), *values_and_scores.result())
+    (critic_values, raw_scores), (logprobs, ref_logprobs) = values.score(
+        r, meanwhile=lambda: policy_logprobs(models, r, temperature))
+    return Scores(logprobs, ref_logprobs, critic_values, raw_scores)
 
 
 # Scoring is one no-grad forward per model, so under ZeRO-3 each model is gathered whole for it
@@ -124,24 +142,23 @@ def shape_scores(raw: torch.Tensor, r: Rollout, cfg, moments: RunningMoments, al
     return scores
 
 
-def advantages(
-    logprobs, ref_logprobs, values, scores, r: Rollout, cfg, kl_coef: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token KL, shaped rewards, advantages by `cfg.advantage_estimator` and the critic's returns.
+def advantages(s: Scores, scores: torch.Tensor, r: Rollout, cfg, kl_coef: float) -> Advantages:
+    """Phase 3: per-token KL, shaped rewards, advantages by `cfg.advantage_estimator` and the critic's returns.
 
-    The KL penalty is in the rewards unless `kl_in: loss` (then the update adds it as a k3 term).
+    `scores` [B] are the raw scores after `shape_scores`. The KL penalty is in the rewards unless
+    `kl_in: loss` (then the update adds it as a k3 term).
     gae: GAE over the critic's values (whitened if configured). grpo/rloo: each response's outcome (its
     score less its summed KL penalty) against the other samples of its prompt, on every token.
     reinforce_pp: batch-whitened returns. Without a critic, `returns` is the advantage (unused).
     """
-    kl = maths.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)
+    kl = maths.kl_estimate(s.logprobs, s.ref_logprobs, cfg.kl_estimator)
     coef = kl_coef if cfg.kl_in == "reward" else 0.0
     rewards, _ = maths.compute_rewards(scores, kl, coef, r.mask, clip_reward=cfg.reward_clip)
     if cfg.advantage_estimator == "gae":
-        adv, returns = maths.gae_advantages(rewards, values, r.mask, cfg.gamma, cfg.lam)
+        adv, returns = maths.gae_advantages(rewards, s.values, r.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = maths.masked_whiten(adv, r.mask)
-        return kl, rewards, adv, returns
+        return Advantages(kl, rewards, adv, returns)
     if cfg.advantage_estimator == "reinforce_pp":
         adv = estimators.reinforce_pp_advantages(rewards, r.mask, cfg.gamma)
     else:
@@ -151,4 +168,4 @@ def advantages(
         else:
             seq = estimators.rloo_advantages(outcome, cfg.samples_per_prompt)
         adv = estimators.per_token(seq, r.mask)
-    return kl, rewards, adv, adv
+    return Advantages(kl, rewards, adv, adv)

@@ -3,6 +3,7 @@
     checkpoint-N/
       actor/, critic/       DeepSpeed checkpoints (weights, optimizer, scheduler, ZeRO shards)
       rng_rank{r}.json      python, numpy and torch RNG state of rank r
+      ema.safetensors       the EMA of the actor's trainable weights (with ppo.ema_decay)
       ppo_state.json        step, KL controller, reward statistics, tracker id, config (written last)
 
 Every rank writes into `.tmp-checkpoint-N`; rank 0 renames it to `checkpoint-N` only after all
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoint import (CHECKPOINT_MARKERS, complete_checkpoints, fault_point, publish_dir, read_json,
                                  write_json)
@@ -45,8 +47,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, Any], rank: int,
-         keep: int, barrier) -> Path:
-    """Write checkpoint-`step` on every rank; rank 0 publishes it and drops all but the newest `keep`."""
+         keep: int, barrier, tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoint-`step` on every rank; rank 0 publishes it and drops all but the newest `keep`.
+
+    `tensors` (the same on every rank): named sets of tensors that rank 0 writes as `<name>.safetensors`.
+    """
     final = stage_dir / f"checkpoint-{step}"
     tmp = stage_dir / f".tmp-checkpoint-{step}"
     if rank == 0 and tmp.exists():
@@ -58,6 +63,8 @@ def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, A
     write_json(tmp / f"rng_rank{rank}.json", rng_state())
     barrier()
     if rank == 0:
+        for name, named in (tensors or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / f"{name}.safetensors"))
         write_json(tmp / STATE_FILE, state)
         publish_dir(tmp, final)
         for old in complete_checkpoints(stage_dir)[:-keep]:
@@ -88,3 +95,9 @@ def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config
     if rng is not None:
         set_rng_state(rng)
     return state
+
+
+def load_tensors(path: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The tensors `save` wrote as `<name>.safetensors` in checkpoint `path` (None if it has none)."""
+    file = path / f"{name}.safetensors"
+    return load_file(str(file)) if file.exists() else None

@@ -5,8 +5,12 @@ Each step, on every rank in lockstep (the same number of prompts, tokens and upd
   2. score       actor and reference log-probs, critic values, reward at the last token
   3. advantages  per-token KL penalty, shaped rewards, GAE, whitening
   4. update      `ppo_epochs` passes over minibatches: clipped policy and value losses
-Then: metrics (averaged over ranks), samples for the tracker, periodic checkpoints.
+Then: metrics (averaged over ranks), the NaN/inf guard, samples for the tracker, periodic checkpoints.
 At the end: the actor is saved as the hand-off checkpoint and judged against the SFT policy.
+
+`train` is the loop; the parts it calls (resume, step metrics, logging, saving) follow it. The critic
+and the reward model are reached through the value side (`values`, stages/ppo/value_process.py),
+in this process or in a second one beside one CPU rank: the loop's calls are the same.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import contextlib
 import functools
 import random
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -25,6 +31,7 @@ from pipeline.context import StageContext
 from pipeline.data import load_stage_rows
 from pipeline.errors import UserError
 from pipeline.generation import encode_prompts, left_pad
+from pipeline.hf_training import check_finite
 from pipeline.schemas import Prompt, prompt_text
 from pipeline.models import load_tokenizer
 from pipeline.rundir import semantic_stage_config
@@ -35,7 +42,7 @@ from stages.ppo.engines import PPOModels, build_models, build_policy_models, dee
 from stages.ppo.evaluate import evaluate_after_training
 from stages.ppo.export import save_actor
 from stages.ppo.update import update
-from stages.ppo.value_process import InProcess, ValueProcess, value_sharding, wants_value_process
+from stages.ppo.value_process import InProcess, ValueProcess, ValueSide, value_sharding, wants_value_process
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,23 +96,12 @@ def critic_eval_mode(models) -> None:
         models.critic.eval()
 
 
-@contextlib.contextmanager
-def cores_split(value_runner) -> Iterator[None]:
-    """While the value process works beside this one, this one uses half of the intra-op threads."""
-    threads = torch.get_num_threads()
-    if isinstance(value_runner, ValueProcess):
-        torch.set_num_threads(max(1, threads // 2))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def start_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[PPOModels, InProcess | ValueProcess]:
+def start_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[PPOModels, ValueSide]:
     """The four engines, with the critic and reward model in a value process where that pays."""
     ds = deepspeed_configs(ctx, total_updates)
     # a lone reward model is not worth a second process
-    if not ctx.section.uses_critic or not wants_value_process(ctx, (ds_config.zero_stage(ds.actor), ds_config.zero_stage(ds.critic))):
+    zero_stages = (ds_config.zero_stage(ds.actor), ds_config.zero_stage(ds.critic))
+    if not ctx.section.uses_critic or not wants_value_process(ctx, zero_stages):
         models = build_models(ctx, tokenizer, total_updates)
         return models, InProcess(models)
     values = ValueProcess(ctx, tokenizer, total_updates, threads=max(1, torch.get_num_threads() // 2))
@@ -118,9 +114,9 @@ def start_models(ctx: StageContext, tokenizer, total_updates: int) -> tuple[PPOM
     return PPOModels(actor, values.critic, reference, None, ctx.section.lora is not None), values
 
 
-def sharding_report(models: PPOModels, value_runner) -> dict[str, Any]:
+def sharding_report(models: PPOModels, values: ValueSide) -> dict[str, Any]:
     policy = sharding.report({"actor": models.actor, "reference": models.reference})
-    value = value_runner.submit(value_sharding).result()
+    value = values.call(value_sharding)
     engines = {**policy["engines"], **value["engines"]}
     return {**policy, "engines": {k: engines[k] for k in ("actor", "critic", "reference", "reward") if k in engines}}
 
@@ -137,6 +133,30 @@ class EMA:
         for name, p in module.named_parameters():
             if name in self.shadow:
                 self.shadow[name].mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def load(self, saved: dict[str, torch.Tensor], path: Path) -> None:
+        """Take the checkpoint's EMA, bit for bit, into this one's tensors (their device and dtype)."""
+        if saved.keys() != self.shadow.keys():
+            raise UserError(f"{path}: its EMA holds other weights than this actor's trainable ones "
+                            f"({sorted(saved.keys() ^ self.shadow.keys())[:3]}...)")
+        for name, value in saved.items():
+            self.shadow[name].copy_(value)
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step beside the engines; every checkpoint holds all of it."""
+
+    kl_ctl: maths.KLController
+    moments: xp.RunningMoments  # of the reward model's scores, for ppo.normalize_reward
+    ema: EMA | None
+
+    @classmethod
+    def fresh(cls, cfg, ema: EMA | None) -> "LoopState":
+        kl_ctl = (maths.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                  else maths.FixedKLController(cfg.kl_coef))
+        return cls(kl_ctl, xp.RunningMoments(), ema)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -158,13 +178,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     prompt_ids = [ids[-cfg.max_prompt_length:] for ids in full_ids]
     ctx.extra_manifest["prompt_example"] = tokenizer.decode(prompt_ids[0])  # what the policy is given, template and all
     updates_per_step = cfg.ppo_epochs * (cfg.rollout_batch_size * cfg.samples_per_prompt // cfg.minibatch_size)
-    models, value_runner = start_models(ctx, tokenizer, total_updates=cfg.max_steps * updates_per_step)
+    models, values = start_models(ctx, tokenizer, total_updates=cfg.max_steps * updates_per_step)
     try:
         ema = EMA(models.actor.module, cfg.ema_decay) if cfg.ema_decay else None
-        metrics = train(ctx, models, value_runner, tokenizer, prompts, prompt_ids, ema)
-        sharding_info = sharding_report(models, value_runner)
+        metrics = train(ctx, models, values, tokenizer, prompts, prompt_ids, ema)
+        sharding_info = sharding_report(models, values)
     finally:
-        value_runner.close()
+        values.close()
     save_actor(models, tokenizer, ctx, ema)
     barrier()
     result = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("ppo/")}
@@ -175,113 +195,144 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return result
 
 
-def train(ctx: StageContext, models: PPOModels, value_runner, tokenizer, prompts: list[Prompt],
+def train(ctx: StageContext, models: PPOModels, values: ValueSide, tokenizer, prompts: list[Prompt],
           prompt_ids: list[list[int]], ema: EMA | None) -> dict[str, float]:
     """Resume from the newest checkpoint if any, then run the PPO steps; returns the last step's metrics."""
     cfg = ctx.section
-    device = torch.device(ctx.device)
-    world, rank = ctx.world_size, ctx.rank
-    kl_ctl = (maths.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
-              else maths.FixedKLController(cfg.kl_coef))
-    moments = xp.RunningMoments()
+    loop = LoopState.fresh(cfg, ema)
     engines = {name: e for name, e in (("actor", models.actor), ("critic", models.critic)) if e is not None}
-    stage_config = semantic_stage_config(ctx.config, "ppo")
-    sampling_seed = cfg.sampling_seed if cfg.sampling_seed is not None else ctx.config.run.seed
+    start_step = resume(ctx, engines, loop)
 
-    start_step = 0
-    resume = ctx.resume_from or next(iter(ckpt.complete_checkpoints(ctx.output_dir)[-1:]), None)
-    if resume is not None:
-        saved = ckpt.load(resume, engines, rank, world, None if ctx.force_resume else ctx.config_hash, stage_config)
-        start_step = saved["step"]
-        kl_ctl.load_state_dict(saved["kl_controller"])
-        moments.load_state_dict(saved["reward_moments"])
-        if ema is not None and saved.get("ema") is not None:
-            ema.shadow = {k: torch.tensor(v) for k, v in saved["ema"].items()}
-        if ctx.is_main:
-            print(f"[ppo] resumed from {resume} at step {start_step}", flush=True)
-
-    local_minibatch = cfg.minibatch_size // world
     models.actor.eval()  # no dropout: the log-probs and values of the update must match the scoring's
-    value_runner.submit(critic_eval_mode).result()
+    values.call(critic_eval_mode)
     metrics: dict[str, float] = {}
     for step in range(start_step, cfg.max_steps):
-        timings: dict[str, float] = {}
-        generator = torch.Generator(device=device).manual_seed(sampling_seed * 1_000_003 + step * 1009 + rank)
+        clock = PhaseClock(torch.device(ctx.device))
+        generator = sampling_generator(ctx, step)
+        with clock("rollout"):  # 1.
+            rows = row_prompts(ctx, step, len(prompts))
+            r = xp.rollout(models.actor, *left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id, ctx.device),
+                           cfg, tokenizer, generator)
+        with clock("score"):  # 2.
+            scores = xp.score(models, values, r, cfg.temperature)
+        with clock("advantages"):  # 3.
+            shaped = xp.shape_scores(scores.raw_scores, r, cfg, loop.moments, all_gather_cat)
+            adv = xp.advantages(scores, shaped, r, cfg, loop.kl_ctl.value)
+        with clock("update"):  # 4.
+            exp = xp.Experience(rollout=r, scores=scores, advantages=adv)
+            stats = update(models, values, exp, cfg, cfg.minibatch_size // ctx.world_size, generator, loop.kl_ctl.value)
+            if loop.ema is not None:
+                loop.ema.update(models.actor.module)
 
-        # 1. rollout
-        sync(device)
-        t0 = time.perf_counter()
-        # the prompt of each rollout row: each prompt `samples_per_prompt` times in a row, a group on this rank
-        row_prompt = [i for i in prompt_indices(step, len(prompts), cfg.rollout_batch_size, rank, world,
-                                                ctx.config.run.seed) for _ in range(cfg.samples_per_prompt)]
-        ids, mask = left_pad([prompt_ids[i] for i in row_prompt], tokenizer.pad_token_id, device)
-        r = xp.rollout(models.actor, ids, mask, cfg, tokenizer, generator)
-        sync(device)
-        timings["rollout"] = time.perf_counter() - t0
-
-        # 2. score
-        t0 = time.perf_counter()
-        with cores_split(value_runner):
-            logprobs, ref_logprobs, values, raw_scores = xp.score(models, r, cfg.temperature, value_runner)
-        sync(device)
-        timings["score"] = time.perf_counter() - t0
-
-        # 3. advantages
-        t0 = time.perf_counter()
-        scores = xp.shape_scores(raw_scores, r, cfg, moments, all_gather_cat)
-        kl, rewards, adv, returns = xp.advantages(logprobs, ref_logprobs, values, scores, r, cfg, kl_ctl.value)
-        exp = xp.Experience(r, logprobs, ref_logprobs, values, raw_scores, scores, kl, rewards, adv, returns)
-        timings["advantages"] = time.perf_counter() - t0
-
-        # 4. update
-        t0 = time.perf_counter()
-        with cores_split(value_runner):
-            train_stats = update(models, exp, cfg, local_minibatch, generator, value_runner, kl_ctl.value)
-        if ema is not None:
-            ema.update(models.actor.module)
-        sync(device)
-        timings["update"] = time.perf_counter() - t0
-
-        # metrics: every rank contributes, every rank agrees
-        seq_kl = maths.masked_sum(logprobs - ref_logprobs, r.mask, dim=1)
-        new_tokens = float(r.mask.sum())
-        step_stats = {
-            **{f"ppo/{k}": v for k, v in train_stats.items()},
-            "ppo/reward_mean": float(raw_scores.mean()), "ppo/reward_std": float(all_gather_cat(raw_scores).std()),
-            "ppo/kl_to_ref": float(seq_kl.mean()), "ppo/kl_coef": kl_ctl.value,
-            # per response, by ppo.kl_estimator (kl_to_ref is k1's): the KL the penalty uses
-            "ppo/kl_estimate": float(maths.masked_sum(kl, r.mask, dim=1).mean()),
-            "ppo/response_length": float(r.mask.sum(-1).mean()), "ppo/eos_fraction": float(r.ended.float().mean()),
-            "ppo/advantage_mean": float(maths.masked_mean(adv, r.mask)),
-            **{f"time/{k}_s": v for k, v in timings.items()},
-            # each phase's throughput in this rank's response tokens, so the phases compare directly
-            **{f"time/{k}_tokens_per_s": new_tokens / max(timings[k], 1e-9) for k in ("rollout", "score", "update")},
-            "time/step_s": sum(timings.values()),
-        }
-        step_stats = mean_over_ranks(step_stats, device)
-        for key in ("ppo/reward_mean", "ppo/policy_loss", "ppo/value_loss"):  # the cause before its effects
-            if key in step_stats and not torch.isfinite(torch.tensor(step_stats[key])):
-                last = ckpt.complete_checkpoints(ctx.output_dir)
-                raise UserError(f"ppo: {key} is not finite at step {step + 1}; last good checkpoint: "
-                                f"{last[-1] if last else 'none (nothing saved yet)'}")
-        kl_ctl.update(step_stats["ppo/kl_to_ref"], cfg.rollout_batch_size * cfg.samples_per_prompt)
-        metrics = step_stats
-        ctx.tracker.log(step_stats, step=step + 1)
-        if ctx.is_main and ((step + 1) % cfg.logging_steps == 0 or step == start_step):
-            print(f"[ppo] step {step + 1}/{cfg.max_steps} reward {step_stats['ppo/reward_mean']:+.3f} "
-                  f"kl {step_stats['ppo/kl_to_ref']:.3f} len {step_stats['ppo/response_length']:.1f} "
-                  f"{step_stats['time/step_s']:.2f}s/step", flush=True)
-        if ctx.is_main and (step + 1) % ctx.config.tracking.sample_every == 0:
-            texts = tokenizer.batch_decode(r.responses, skip_special_tokens=True)
-            table = [[prompt_text(prompts[i]), t, float(s)] for i, t, s in zip(row_prompt, texts, raw_scores)]
-            ctx.tracker.log_table("ppo/samples", ["prompt", "response", "reward"], table, step=step + 1)
-
+        metrics = step_metrics(stats, r, scores, adv, loop.kl_ctl.value, clock.seconds, ctx.device)
+        check_finite("ppo", {k: metrics.get(k) for k in FINITE_FIRST}, step + 1, ctx.output_dir)
+        loop.kl_ctl.update(metrics["ppo/kl_to_ref"], cfg.rollout_batch_size * cfg.samples_per_prompt)
+        log_step(ctx, step, start_step, metrics)
+        log_samples(ctx, step, tokenizer, prompts, rows, r, scores.raw_scores)
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            ckpt.save(ctx.output_dir, step + 1, engines, {
-                "step": step + 1, "world_size": world, "config_hash": ctx.config_hash, "stage_config": stage_config,
-                "kl_controller": kl_ctl.state_dict(), "reward_moments": moments.state_dict(),
-                "wandb_run_id": ctx.tracker.run_id,
-                "ema": {k: v.tolist() for k, v in ema.shadow.items()} if ema else None,
-            }, rank, cfg.keep_checkpoints, barrier)
-
+            save_checkpoint(ctx, step + 1, engines, loop)
     return metrics
+
+
+# ---- the loop's parts -------------------------------------------------------------------------------------------
+
+
+def resume(ctx: StageContext, engines: dict[str, Any], loop: LoopState) -> int:
+    """The resume decision: `--from`, else the newest complete checkpoint, else none. Restores the
+    engines, RNG and `loop` from it; returns the step to start from."""
+    path = ctx.resume_from or next(iter(ckpt.complete_checkpoints(ctx.output_dir)[-1:]), None)
+    if path is None:
+        return 0
+    path = Path(path)
+    saved = ckpt.load(path, engines, ctx.rank, ctx.world_size, None if ctx.force_resume else ctx.config_hash,
+                      semantic_stage_config(ctx.config, "ppo"))
+    loop.kl_ctl.load_state_dict(saved["kl_controller"])
+    loop.moments.load_state_dict(saved["reward_moments"])
+    ema = ckpt.load_tensors(path, "ema")
+    if loop.ema is not None and ema is not None:
+        loop.ema.load(ema, path)
+    if ctx.is_main:
+        print(f"[ppo] resumed from {path} at step {saved['step']}", flush=True)
+    return saved["step"]
+
+
+def save_checkpoint(ctx: StageContext, step: int, engines: dict[str, Any], loop: LoopState) -> None:
+    ckpt.save(ctx.output_dir, step, engines, {
+        "step": step, "world_size": ctx.world_size, "config_hash": ctx.config_hash,
+        "stage_config": semantic_stage_config(ctx.config, "ppo"),
+        "kl_controller": loop.kl_ctl.state_dict(), "reward_moments": loop.moments.state_dict(),
+        "wandb_run_id": ctx.tracker.run_id,
+    }, ctx.rank, ctx.section.keep_checkpoints, barrier, tensors={"ema": loop.ema.shadow} if loop.ema else None)
+
+
+def sampling_generator(ctx: StageContext, step: int) -> torch.Generator:
+    """This rank's sampling and minibatch-shuffling randomness at `step` (resumable by step)."""
+    cfg = ctx.section
+    seed = cfg.sampling_seed if cfg.sampling_seed is not None else ctx.config.run.seed
+    return torch.Generator(device=torch.device(ctx.device)).manual_seed(seed * 1_000_003 + step * 1009 + ctx.rank)
+
+
+def row_prompts(ctx: StageContext, step: int, n_prompts: int) -> list[int]:
+    """The prompt of each rollout row: each prompt `samples_per_prompt` times in a row, a group on this rank."""
+    cfg = ctx.section
+    return [i for i in prompt_indices(step, n_prompts, cfg.rollout_batch_size, ctx.rank, ctx.world_size,
+                                      ctx.config.run.seed) for _ in range(cfg.samples_per_prompt)]
+
+
+class PhaseClock:
+    """Wall-clock seconds of each phase of a step, the accelerator synchronised at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        sync(self.device)
+        self.seconds[phase] = time.perf_counter() - t0
+
+
+def step_metrics(train_stats: dict[str, float], r: xp.Rollout, scores: xp.Scores, adv: xp.Advantages,
+                 kl_coef: float, seconds: dict[str, float], device: str) -> dict[str, float]:
+    """The step's logged numbers: every rank contributes, every rank gets the mean over ranks."""
+    seq_kl = maths.masked_sum(scores.logprobs - scores.ref_logprobs, r.mask, dim=1)
+    new_tokens = float(r.mask.sum())
+    stats = {
+        **{f"ppo/{k}": v for k, v in train_stats.items()},
+        "ppo/reward_mean": float(scores.raw_scores.mean()),
+        "ppo/reward_std": float(all_gather_cat(scores.raw_scores).std()),
+        "ppo/kl_to_ref": float(seq_kl.mean()), "ppo/kl_coef": kl_coef,
+        # per response, by ppo.kl_estimator (kl_to_ref is k1's): the KL the penalty uses
+        "ppo/kl_estimate": float(maths.masked_sum(adv.kl, r.mask, dim=1).mean()),
+        "ppo/response_length": float(r.mask.sum(-1).mean()), "ppo/eos_fraction": float(r.ended.float().mean()),
+        "ppo/advantage_mean": float(maths.masked_mean(adv.advantages, r.mask)),
+        **{f"time/{k}_s": v for k, v in seconds.items()},
+        # each phase's throughput in this rank's response tokens, so the phases compare directly
+        **{f"time/{k}_tokens_per_s": new_tokens / max(seconds[k], 1e-9) for k in ("rollout", "score", "update")},
+        "time/step_s": sum(seconds.values()),
+    }
+    return mean_over_ranks(stats, torch.device(device))
+
+
+# checked for NaN/inf after every step, the cause before its effects
+FINITE_FIRST = ("ppo/reward_mean", "ppo/policy_loss", "ppo/value_loss")
+
+
+def log_step(ctx: StageContext, step: int, start_step: int, metrics: dict[str, float]) -> None:
+    ctx.tracker.log(metrics, step=step + 1)
+    if ctx.is_main and ((step + 1) % ctx.section.logging_steps == 0 or step == start_step):
+        print(f"[ppo] step {step + 1}/{ctx.section.max_steps} reward {metrics['ppo/reward_mean']:+.3f} "
+              f"kl {metrics['ppo/kl_to_ref']:.3f} len {metrics['ppo/response_length']:.1f} "
+              f"{metrics['time/step_s']:.2f}s/step", flush=True)
+
+
+def log_samples(ctx: StageContext, step: int, tokenizer, prompts: list[Prompt], rows: list[int], r: xp.Rollout,
+                raw_scores: torch.Tensor) -> None:
+    """Every `tracking.sample_every` steps, this rank's prompts, responses and rewards as a table (rank 0)."""
+    if ctx.is_main and (step + 1) % ctx.config.tracking.sample_every == 0:
+        texts = tokenizer.batch_decode(r.responses, skip_special_tokens=True)
+        table = [[prompt_text(prompts[i]), t, float(s)] for i, t, s in zip(rows, texts, raw_scores)]
+        ctx.tracker.log_table("ppo/samples", ["prompt", "response", "reward"], table, step=step + 1)

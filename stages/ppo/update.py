@@ -7,17 +7,35 @@ live-parameter budget (`pipeline.zero3.gathered_for_update`); the optimizer step
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
 from pipeline.zero3 import gathered_for_update
 from stages.ppo import experience as xp
 from stages.ppo import maths
-from stages.ppo.value_process import InProcess
 
 
 def minibatch(r: xp.Rollout, idx: torch.Tensor) -> xp.Rollout:
     return xp.Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.responses[idx], r.mask[idx], r.ended[idx])
+
+
+def minibatch_order(n: int, epochs: int, minibatch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The rows of each minibatch, epoch after epoch: a fresh shuffle of the `n` rows per epoch."""
+    order = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=generator, device=generator.device)
+        order += [perm[start : start + minibatch_size] for start in range(0, n, minibatch_size)]
+    return order
+
+
+@dataclass
+class CriticBatch:
+    """What one critic step reads (b = minibatch rows)."""
+
+    rollout: xp.Rollout  # the minibatch's rows of the rollout
+    old_values: torch.Tensor  # [b, T] the critic's values at scoring time
+    returns: torch.Tensor  # [b, T] its targets
 
 
 def actor_update(models, r: xp.Rollout, old_logprobs: torch.Tensor, advantages: torch.Tensor, cfg,
@@ -52,29 +70,32 @@ def critic_update(models, r: xp.Rollout, old_values: torch.Tensor, returns: torc
     return {"value_loss": float(vf_loss.detach()), "value_clipfrac": float(vf_clipfrac)}
 
 
-def update(models, exp: xp.Experience, cfg, minibatch_size: int, generator: torch.Generator,
-           value_runner=None, kl_coef: float = 0.0) -> dict[str, float]:
+def critic_steps(models, batches: list[CriticBatch], clip_range_value: float) -> list[dict[str, float]]:
+    """The critic's steps of one update, in order (on the value side: stages/ppo/value_process.py)."""
+    return [critic_update(models, b.rollout, b.old_values, b.returns, clip_range_value) for b in batches]
+
+
+def update(models, values, exp: xp.Experience, cfg, minibatch_size: int, generator: torch.Generator,
+           kl_coef: float = 0.0) -> dict[str, float]:
     """Phase 4: `ppo_epochs` passes of clipped policy and value updates over shuffled minibatches.
 
-    The critic's steps (gae only) go to `value_runner` (stages/ppo/value_process.py) before the actor's: in a
-    value process they run there while the actor's run here, in the same order as in one process.
+    The critic's steps (gae only) go to the value side (`values`, stages/ppo/value_process.py); in a
+    value process they run there while the actor's run here. Returns each statistic's mean over the steps.
     """
-    value_runner = value_runner or InProcess(models)
+    s, a = exp.scores, exp.advantages
+    batches = minibatch_order(s.logprobs.shape[0], cfg.ppo_epochs, minibatch_size, generator)
+
+    def actor_steps() -> list[dict[str, float]]:
+        return [actor_update(models, minibatch(exp.rollout, idx), s.logprobs[idx], a.advantages[idx], cfg,
+                             s.ref_logprobs[idx], kl_coef) for idx in batches]
+
+    if cfg.uses_critic:
+        critic = [CriticBatch(minibatch(exp.rollout, idx), s.values[idx], a.returns[idx]) for idx in batches]
+        critic_stats, actor_stats = values.update(critic, cfg.clip_range_value, meanwhile=actor_steps)
+    else:
+        critic_stats, actor_stats = [], actor_steps()
     stats: dict[str, list[float]] = defaultdict(list)
-    critic_steps = []
-    n = exp.logprobs.shape[0]
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=generator, device=generator.device)
-        for start in range(0, n, minibatch_size):
-            idx = order[start : start + minibatch_size]
-            r = minibatch(exp.rollout, idx)
-            if cfg.uses_critic:
-                critic_steps.append(value_runner.submit(critic_update, r, exp.values[idx], exp.returns[idx],
-                                                        cfg.clip_range_value))
-            for key, value in actor_update(models, r, exp.logprobs[idx], exp.advantages[idx], cfg,
-                                           exp.ref_logprobs[idx], kl_coef).items():
-                stats[key].append(value)
-    for step in critic_steps:
-        for key, value in step.result().items():
+    for step in actor_stats + critic_stats:
+        for key, value in step.items():
             stats[key].append(value)
     return {k: sum(v) / len(v) for k, v in stats.items()}

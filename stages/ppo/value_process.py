@@ -1,13 +1,18 @@
-"""Where the critic and the reward model run: in this process, or in a second one beside one CPU rank.
+"""The value side: where the critic and the reward model run, in this process or in a second one beside
+one CPU rank. The PPO loop makes the same calls either way (`ValueSide`):
 
-The PPO loop hands their work to a runner as `runner.submit(fn, *args)`, which runs `fn(models, *args)`
-and returns something with `.result()`:
+    values.score(rollout, meanwhile)   the critic's values and the reward model's scores, while
+                                       `meanwhile` (the actor's and the reference's scoring) runs here
+    values.update(batches, clip, meanwhile)   the critic's steps of one update, while `meanwhile`
+                                       (the actor's steps) runs here
+    values.call(fn, *args)             fn(models, *args) where the value models are (checkpoints, reports)
 
-- `InProcess` (every GPU setup, every multi-rank or ZeRO 1-3 run): runs the call at once, here.
+- `InProcess` (every GPU setup, every multi-rank or ZeRO 1-3 run): the value side's work runs here,
+  first, then `meanwhile`.
 - `ValueProcess` (one CPU rank under ZeRO-0): a spawned process builds the critic and the reward
-  model exactly as `build_value_models` does here, then runs the calls in the order they were
-  sent while this process works on the actor and the reference. Their work is independent of the
-  actor's until the advantages, so the two cores each take one half.
+  model exactly as `build_value_models` does here, then runs the work it is sent, in order, while
+  this process runs `meanwhile` on half of the cores. Their work is independent of the actor's until
+  the advantages, so the two cores each take one half.
 
 A second thread instead of a process shares the GIL: both halves are HF modules run op by op from
 Python, and each waits for the other's Python between its kernels. Measured on 2 cores, 4 update
@@ -25,32 +30,44 @@ import dataclasses
 import os
 import pickle
 import traceback
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import torch
 
 from pipeline.context import StageContext
 from pipeline.errors import UserError
+from stages.ppo.experience import Rollout, value_scores
+from stages.ppo.update import CriticBatch, critic_steps
+
+T = TypeVar("T")
+ValueScores = tuple[torch.Tensor, torch.Tensor]  # critic values [B, T] (zeros without a critic), raw scores [B]
 
 
-class Done:
-    """A call that already ran."""
+class ValueSide(Protocol):
+    """What the PPO loop asks of the critic and the reward model, wherever they run."""
 
-    def __init__(self, value: Any):
-        self.value = value
-
-    def result(self) -> Any:
-        return self.value
+    def score(self, r: Rollout, meanwhile: Callable[[], T]) -> tuple[ValueScores, T]: ...
+    def update(self, batches: list[CriticBatch], clip_range_value: float,
+               meanwhile: Callable[[], T]) -> tuple[list[dict[str, float]], T]: ...
+    def call(self, fn: Callable, *args: Any) -> Any: ...
+    def close(self) -> None: ...
 
 
 class InProcess:
-    """The critic and reward model are in `models`, here: each call runs when submitted."""
+    """The critic and reward model are in `models`, here: their work runs first, then `meanwhile`."""
 
     def __init__(self, models):
         self.models = models
 
-    def submit(self, fn: Callable, *args: Any) -> Done:
-        return Done(fn(self.models, *args))
+    def score(self, r: Rollout, meanwhile: Callable[[], T]) -> tuple[ValueScores, T]:
+        return value_scores(self.models, r), meanwhile()
+
+    def update(self, batches: list[CriticBatch], clip_range_value: float,
+               meanwhile: Callable[[], T]) -> tuple[list[dict[str, float]], T]:
+        return critic_steps(self.models, batches, clip_range_value), meanwhile()
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        return fn(self.models, *args)
 
     def close(self) -> None:
         pass
@@ -71,7 +88,7 @@ class Pending:
 
 
 class ValueProcess:
-    """The critic and reward model in a spawned process; calls run there in the order submitted."""
+    """The critic and reward model in a spawned process; their work runs there in the order sent."""
 
     def __init__(self, ctx: StageContext, tokenizer, total_updates: int, threads: int):
         import multiprocessing
@@ -89,13 +106,36 @@ class ValueProcess:
         self.replies: dict[int, tuple[bool, Any]] = {}
         self.critic = RemoteEngine(self)
 
+    def score(self, r: Rollout, meanwhile: Callable[[], T]) -> tuple[ValueScores, T]:
+        there = self.submit(value_scores, r)
+        with self.half_the_cores():
+            here = meanwhile()
+        return there.result(), here
+
+    def update(self, batches: list[CriticBatch], clip_range_value: float,
+               meanwhile: Callable[[], T]) -> tuple[list[dict[str, float]], T]:
+        there = self.submit(critic_steps, batches, clip_range_value)
+        with self.half_the_cores():
+            here = meanwhile()
+        return there.result(), here
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        return self.submit(fn, *args).result()
+
+    @contextlib.contextmanager
+    def half_the_cores(self) -> Iterator[None]:
+        """While the value process works beside this one, this one uses half of the intra-op threads."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // 2))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
     def submit(self, fn: Callable, *args: Any) -> Pending:
         self.conn.send_bytes(pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL))
         self.sent += 1
         return Pending(self, self.sent)
-
-    def call(self, fn: Callable, *args: Any) -> Any:
-        return self.submit(fn, *args).result()
 
     def result(self, number: int) -> Any:
         while self.received < number:
