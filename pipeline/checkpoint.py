@@ -104,6 +104,28 @@ def recover_dir(final: str | Path) -> None:
 CHECKPOINT_MARKERS = ("rlhf_complete.json", "ppo_state.json")
 
 
+def check_resumable(path: Path, stage: str, config_hash: str, stage_config: dict[str, Any], world_size: int,
+                    force: bool) -> dict[str, Any]:
+    """Refuse a checkpoint that was not saved complete, or by another rank count, or (unless `force`) by
+    another config, naming what differs; returns its marker. Every stage's one check, made by the
+    orchestrator before the launch and by the stage before it loads."""
+    from pipeline.config import describe_changes
+    from pipeline.errors import UserError
+
+    marker = next((read_json(path / name) for name in CHECKPOINT_MARKERS if (path / name).exists()), None)
+    if not isinstance(marker, dict):
+        raise UserError(f"{path}: not a complete checkpoint (no {' or '.join(CHECKPOINT_MARKERS)}); pick another")
+    if marker["world_size"] != world_size:
+        raise UserError(f"{path}: saved with {marker['world_size']} ranks, now {world_size}; resume with the same "
+                        f"{stage}.deepspeed num_gpus x num_nodes (ZeRO shards are per rank)")
+    if marker["config_hash"] != config_hash and not force:
+        raise UserError(f"{path}: checkpoint was made with a different config ("
+                        f"{describe_changes(marker.get('stage_config', {}), stage_config, stage)}); restore those "
+                        f"settings or start the stage over (`rlhf resume RUN_DIR --stage {stage} --force` resumes "
+                        "anyway)")
+    return marker
+
+
 # Fault injection for the resume tests (tests/test_resume.py), off unless the variable is set:
 # RLHF_TEST_FAULT=<stage>:<step>:writing  SIGKILLs each rank half-way through writing checkpoint-<step>;
 # RLHF_TEST_FAULT=<stage>:<step>:saved    SIGSTOPs each rank once checkpoint-<step> is complete, so the

@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 from pipeline import movie_reviews
-from pipeline.checkpoint import atomic_write_text, complete_checkpoints
+from pipeline.checkpoint import atomic_write_text, check_resumable, complete_checkpoints
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import (check_per_node, launcher_command, launcher_env, node_rank, release_shm, run_launcher,
                              stage_error)
 from pipeline.preflight import (check_before_writing, check_run_dir_owner, preflight, preflight_launch,
                                 uses_movie_reviews)
-from pipeline.rundir import (RunDir, RunLock, completed_final, load_run_config, require_run_dir, stage_fingerprint,
-                             stage_inputs)
+from pipeline.rundir import (RunDir, RunLock, completed_final, load_run_config, require_run_dir,
+                             semantic_stage_config, stage_fingerprint, stage_inputs)
 from pipeline.status import fmt_metrics
 
 
@@ -83,6 +83,10 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         preflight_launch(cfg, stage, inputs)
         if manifest and stage not in resume_from and not follower:
             supersede_checkpoints(run_dir, stage, manifest["config_hash"])
+        resume_point = resume_from.get(stage) or next(iter(complete_checkpoints(run_dir.stage_dir(stage))[-1:]), None)
+        if resume_point is not None:  # the stage will resume from it: refuse a wrong one before the launch
+            check_resumable(resume_point, stage, fingerprint, semantic_stage_config(cfg, stage), ds.world_size,
+                            force_resume)
         extra = ["--resume-from", str(resume_from[stage])] if stage in resume_from else []
         extra += ["--force-resume"] if force_resume else []
         cmd = launcher_command(ds, run_dir.root, stage, extra, node)
@@ -158,6 +162,9 @@ def resume_pipeline(run_dir: str, stage: str | None, from_path: str | None, forc
             raise UserError(f"--from: {path} is not a checkpoint of stage '{stages[0]}' of this run "
                             f"(expected {rd.stage_dir(stages[0])}/checkpoint-N)")
         resume_from[stages[0]] = path.resolve()
+        inputs = stage_inputs(cfg, stages[0], rd)  # before anything is written: the same check the launch makes
+        check_resumable(path, stages[0], stage_fingerprint(cfg, stages[0], inputs),
+                        semantic_stage_config(cfg, stages[0]), cfg.stage_deepspeed(stages[0]).world_size, force)
     node = node_rank()
     if node:  # another node: it only launches; node 0 holds the run lock
         run_stages(cfg, rd, stages, resume_from, force_resume=force, node=node)

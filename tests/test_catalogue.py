@@ -70,6 +70,19 @@ def small_models(stack: ExitStack) -> None:
         Path(folder, "model.safetensors").write_bytes(b"")
 
 
+def checkpoint_of(world_size: int, lr: float) -> Callable[[ExitStack], None]:
+    """run/pretrain/checkpoint-5, complete, saved by `world_size` ranks with pretrain.lr `lr` (demo: 1 and 0.002)."""
+    def make(stack: ExitStack) -> None:
+        from pipeline.config import load_config
+        from pipeline.rundir import semantic_stage_config
+
+        saved = {**semantic_stage_config(load_config("demo.yaml"), "pretrain"), "lr": lr}
+        Path("run/pretrain/checkpoint-5").mkdir()
+        Path("run/pretrain/checkpoint-5/rlhf_complete.json").write_text(json.dumps(
+            {"step": 5, "world_size": world_size, "config_hash": "saved-before", "stage_config": saved}))
+    return make
+
+
 CASES = [
     # --- config files: syntax, duplicates, encoding, shape
     Case("yaml-unclosed-mapping", "run bad.yaml --run-dir new",
@@ -232,6 +245,13 @@ CASES = [
     Case("resume-from-final", "resume run --stage pretrain --from run/pretrain/final",
          "--from: run/pretrain/final is not a checkpoint of stage 'pretrain' of this run (expected "
          "run/pretrain/checkpoint-N)"),
+    Case("resume-from-a-checkpoint-of-another-config", "resume run --stage pretrain --from run/pretrain/checkpoint-5",
+         "run/pretrain/checkpoint-5: checkpoint was made with a different config (pretrain.lr: 0.001 -> 0.002); "
+         "restore those settings or start the stage over (`rlhf resume RUN_DIR --stage pretrain --force` resumes "
+         "anyway)", make=checkpoint_of(world_size=1, lr=0.001)),
+    Case("resume-from-a-checkpoint-of-two-ranks", "resume run --stage pretrain --from run/pretrain/checkpoint-5 --force",
+         "run/pretrain/checkpoint-5: saved with 2 ranks, now 1; resume with the same pretrain.deepspeed num_gpus x "
+         "num_nodes (ZeRO shards are per rank)", make=checkpoint_of(world_size=2, lr=0.002)),
     Case("resume-from-without-stage", "resume run --from run/pretrain/final",
          "--from needs --stage (which stage the checkpoint belongs to)"),
     Case("generate-out-a-directory", "generate run/pretrain/final --prompts p.jsonl --out notrun",

@@ -236,19 +236,23 @@ def test_resume_from_a_named_checkpoint_and_force_across_a_config_change(models,
     out = rlhf("resume", run_dir, "--stage", "ppo", "--from", first)
     assert f"[ppo] resumed from {first} at step 1" in out, out[-4000:]
     assert manifest(run_dir)["metrics"]["steps"] == 3
-    resumed = {row["step"]: without_time(row) for row in metric_rows(run_dir)}  # a later row of a step wins
-    assert sorted(resumed) == [1, 2, 3] and resumed[2] == killed[2]
+    rows = (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in rows] == [1, 2, 3]  # one row per step across the resume
+    resumed = {row["step"]: without_time(row) for row in metric_rows(run_dir)}
+    assert resumed[2] == killed[2]
 
     # a changed stage config: the checkpoint is refused in one line, then taken with --force
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     saved["ppo"]["clip_range"] = 0.3
     (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    before = manifest(run_dir)
+    before, log = manifest(run_dir), run_dir / "ppo" / "logs" / "launch.log"
+    log_size = log.stat().st_size
     out = rlhf("resume", run_dir, "--stage", "ppo", "--from", second, expect=2)
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and (f"{second}: checkpoint was made with a different config (ppo.clip_range: 0.2 -> 0.3); "
-                                 "restore those settings or start the stage over") in errors[0], out[-4000:]
-    assert manifest(run_dir) == before
+                                 "restore those settings or start the stage over (`rlhf resume RUN_DIR --stage ppo "
+                                 "--force` resumes anyway)") in errors[0], out[-4000:]
+    assert manifest(run_dir) == before and log.stat().st_size == log_size  # refused before the launch
     out = rlhf("resume", run_dir, "--stage", "ppo", "--from", second, "--force")
     assert f"[ppo] resumed from {second} at step 2" in out, out[-4000:]
     after = manifest(run_dir)
