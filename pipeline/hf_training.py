@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import ds_config
-from pipeline.checkpoint import CHECKPOINT_MARKERS, complete_checkpoints, fault_point, read_json, write_json
-from pipeline.config import TrainLoop, describe_changes
+from pipeline.checkpoint import (CHECKPOINT_MARKERS, check_resumable, complete_checkpoints, fault_point, read_json,
+                                 write_json)
+from pipeline.config import TrainLoop
 from pipeline.errors import UserError
 from pipeline.context import StageContext
 from pipeline.tracking import MetricsFile, NullTracker
@@ -156,7 +157,7 @@ def check_finite(stage: str, values: dict[str, Any], step: int, stage_dir: Path)
     for key, value in values.items():
         if value is not None and not math.isfinite(value):
             good = complete_checkpoints(stage_dir)
-            raise UserError(f"{stage}: {key} is not finite at step {step} ({key} is {value}); last good checkpoint: "
+            raise UserError(f"{stage}: {key} is not finite at step {step} ({value}); last good checkpoint: "
                             f"{good[-1] if good else 'none (nothing saved yet)'}")
 
 
@@ -186,20 +187,6 @@ class FiniteLossGuard(TrainerCallback):
                      self.ctx.output_dir)
 
 
-def check_resumable(path: Path, ctx: StageContext, stage_config: dict[str, Any]) -> None:
-    """Refuse a checkpoint made by another config or rank count, naming what differs."""
-    marker = read_json(path / COMPLETE_MARKER)
-    if marker is None:
-        raise UserError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER}); pick another")
-    if marker["world_size"] != ctx.world_size:
-        raise UserError(f"{path}: saved with {marker['world_size']} ranks, now {ctx.world_size}; resume with "
-                        f"the same deepspeed.num_gpus x num_nodes (ZeRO shards are per rank)")
-    if marker["config_hash"] != ctx.config_hash and not ctx.force_resume:
-        raise UserError(f"{path}: checkpoint was made with a different config ("
-                        f"{describe_changes(marker.get('stage_config', {}), stage_config, ctx.name)}); "
-                        "restore those settings or start the stage over")
-
-
 def resume_checkpoint(ctx: StageContext) -> str | None:
     """`--from` if given, else the newest complete checkpoint of this stage; checked before use, and said."""
     from pipeline.rundir import semantic_stage_config
@@ -208,7 +195,7 @@ def resume_checkpoint(ctx: StageContext) -> str | None:
     path = ctx.resume_from or next(iter(complete_checkpoints(ctx.output_dir)[-1:]), None)
     if path is None:
         return None
-    check_resumable(Path(path), ctx, stage_config)
+    check_resumable(Path(path), ctx.name, ctx.config_hash, stage_config, ctx.world_size, ctx.force_resume)
     if ctx.is_main:
         print(f"[{ctx.name}] resuming from {path}", flush=True)
     return str(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import movie_reviews
+from pipeline import ds_config, movie_reviews
 from pipeline.checkpoint import read_json
 from pipeline.config import PipelineConfig, read_yaml
 from pipeline.errors import UserError
@@ -45,7 +45,10 @@ def missing_local_data(source: str | None) -> bool:
 
 
 def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str, Any]) -> None:
-    """Fail in a second, not after a launch: local data and model paths must exist."""
+    """Fail in a second, not after a launch: settings the resolved DeepSpeed config rules out, and local
+    data and model paths must exist."""
+    if stage == "ppo" and cfg.ppo.ema_decay is not None:
+        check_ema_fits(cfg)
     section = cfg.stage(stage)
     for split in ("train", "eval"):
         source = getattr(section.data, split)
@@ -61,6 +64,15 @@ def preflight(cfg: PipelineConfig, stage: str, run_dir: RunDir, inputs: dict[str
         if missing_local_data(cfg.eval.prompts):
             raise UserError(f"eval.prompts: data file not found: {cfg.eval.prompts}")
         check_judge(cfg.eval.judge, (inputs.get("reward_model") or {}).get("path"))
+
+
+def check_ema_fits(cfg: PipelineConfig) -> None:
+    """The EMA keeps whole copies of the actor's weights on each rank: not with a ZeRO-3 actor, however it
+    became one (a preset, an inline dict or file, `ppo.actor_deepspeed`)."""
+    ds = cfg.stage_deepspeed("ppo")
+    actor = ds_config.ppo_configs(cfg.ppo, ds, ds.world_size, machine_checks=False).actor
+    if ds_config.zero_stage(actor) == 3:
+        raise UserError("ppo.ema_decay: EMA is supported with ZeRO stages 0-2 (the actor is sharded under ZeRO-3)")
 
 
 # The config key that names each input of a stage (the keys of rundir.stage_inputs).

@@ -235,6 +235,13 @@ CASES = [
          "pretrain.input=model5 pretrain.tokenizer=tok",
          "pretrain.tokenizer: the tokenizer in tok has 8 tokens but the model in model5 embeds only 5 (config.json "
          "vocab_size); resize the embeddings or use the model's own tokenizer", make=small_models),
+    # --- settings the resolved DeepSpeed config rules out
+    Case("ema-with-a-zero3-preset", "run tiny.yaml --run-dir new ppo.enabled=true ppo.ema_decay=0.9 "
+         "deepspeed.config=zero3",
+         "ppo.ema_decay: EMA is supported with ZeRO stages 0-2 (the actor is sharded under ZeRO-3)"),
+    Case("ema-with-a-zero3-actor-override", "run tiny.yaml --run-dir new ppo.enabled=true ppo.ema_decay=0.9 "
+         "'ppo.actor_deepspeed={zero_optimization: {stage: 3}}'",
+         "ppo.ema_decay: EMA is supported with ZeRO stages 0-2 (the actor is sharded under ZeRO-3)"),
     # --- other commands given a path that is not what they need
     Case("status-not-a-run-dir", "status notrun", "notrun: not a run dir (no config.yaml; `rlhf run` makes one)"),
     Case("status-of-a-file", "status afile", "afile: is a file, not a run dir"),

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import (CHECKPOINT_MARKERS, complete_checkpoints, fault_point, publish_dir, read_json,
-                                 write_json)
-from pipeline.config import describe_changes
+from pipeline.checkpoint import (CHECKPOINT_MARKERS, check_resumable, complete_checkpoints, fault_point, publish_dir,
+                                 read_json, write_json)
 from pipeline.errors import UserError
 
 STATE_FILE = CHECKPOINT_MARKERS[1]
@@ -74,19 +73,10 @@ def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, A
     return final
 
 
-def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config_hash: str | None,
-         stage_config: dict[str, Any]) -> dict[str, Any]:
+def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config_hash: str,
+         stage_config: dict[str, Any], force: bool) -> dict[str, Any]:
     """Restore engines, RNG and loop state from `path`; refuse a checkpoint that means something else."""
-    state = read_json(path / STATE_FILE)
-    if state is None:
-        raise UserError(f"{path}: not a complete PPO checkpoint (no {STATE_FILE})")
-    if state["world_size"] != world_size:
-        raise UserError(f"{path}: saved with {state['world_size']} ranks, now {world_size}; resume with "
-                        f"deepspeed.num_gpus matching the checkpoint (ZeRO shards are per rank)")
-    if config_hash is not None and state["config_hash"] != config_hash:  # None: forced
-        raise UserError(f"{path}: checkpoint was made with a different config ("
-                        f"{describe_changes(state.get('stage_config', {}), stage_config, 'ppo')}); "
-                        "restore those settings or start the stage over")
+    state = check_resumable(path, "ppo", config_hash, stage_config, world_size, force)
     for name, engine in engines.items():
         load_path, _ = engine.load_checkpoint(str(path / name), tag="state")
         if load_path is None:

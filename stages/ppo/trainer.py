@@ -244,8 +244,8 @@ def resume(ctx: StageContext, engines: dict[str, Any], loop: LoopState) -> int:
     if path is None:
         return 0
     path = Path(path)
-    saved = ckpt.load(path, engines, ctx.rank, ctx.world_size, None if ctx.force_resume else ctx.config_hash,
-                      semantic_stage_config(ctx.config, "ppo"))
+    saved = ckpt.load(path, engines, ctx.rank, ctx.world_size, ctx.config_hash, semantic_stage_config(ctx.config, "ppo"),
+                      ctx.force_resume)
     loop.kl_ctl.load_state_dict(saved["kl_controller"])
     loop.moments.load_state_dict(saved["reward_moments"])
     ema = ckpt.load_tensors(path, "ema")
