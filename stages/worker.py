@@ -35,7 +35,16 @@ def leave(code: int) -> None:
     os._exit(code)
 
 
+def whole_lines() -> None:
+    """Each printed line reaches the launcher's pipe in one write. The launcher runs ranks with `python -u`,
+    where print() writes the text and its newline separately, so another rank's output could land between
+    them: in the stage log, and on the terminal as a `[ppo] step ...` line with a stranger's text glued on."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=False)
+
+
 if __name__ == "__main__":
+    whole_lines()
     try:
         main()
     except SystemExit as exit_:  # a refusal: its message is printed, its code is the rank's
