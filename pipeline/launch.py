@@ -269,7 +269,7 @@ def stage_error(log: Path, offset: int) -> str | None:
     if errors:
         return errors[-1].strip()
     # a crash: the last line of the rank's traceback, `SomeError: what`
-    raised = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)(?:: .+)?)$", text, flags=re.MULTILINE)
+    raised = re.findall(r"^(?:\[rank\d+\]: )?([A-Za-z_][\w.]*(?:Error|Exception)(?:: .+)?)$", text, flags=re.MULTILINE)
     if raised:
         return raised[-1].strip()
     killed = re.findall(r"exits with return code = -(\d+)", text)  # DeepSpeed's launcher on a signalled rank

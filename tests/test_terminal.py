@@ -27,6 +27,8 @@ def test_terminal_keeps_our_lines_across_chunks_bars_and_split_characters():
 
 @pytest.mark.parametrize("log, line", [
     ("Traceback (most recent call last):\n  File \"x\"\nKeyError: 'prompt'\n", "KeyError: 'prompt'"),
+    ("[rank0]: Traceback (most recent call last):\n[rank0]:   File \"x\"\n[rank0]: AttributeError: 'NoneType' object "
+     "has no attribute 'eval'\n", "AttributeError: 'NoneType' object has no attribute 'eval'"),
     ("50%|##| 2/4 [00:01, 3.1it/s]error: sft.data.train: a.jsonl: line 3: not valid JSON\n",
      "sft.data.train: a.jsonl: line 3: not valid JSON"),
     ("[2026-11-29 16:09:29,621] [ERROR] [launch.py:259:sigkill_handler] [...] exits with return code = -9\n",
