@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -127,20 +126,13 @@ def run_trl(setting: dict, workdir: Path, steps: int, warmup: int, shape: tuple[
            "--beta", str(KL_COEF), "--threads", "1", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
-    started, load = time.perf_counter(), os.getloadavg()[0]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        while (code := proc.poll()) is None:
-            time.sleep(0.5)
-            load = max(load, os.getloadavg()[0])
-    if code != 0:
-        raise SystemExit(f"TRL GRPO run failed ({code}); log: {log_path}\n{log_path.read_text()[-3000:]}")
+    wall, load = base.run_logged(cmd, env, log_path)
     trl = json.loads(out.read_text())
     rows = [{**r, "response_length": r["completion_tokens"] / r["completions"],
              "generated_tokens": r["completion_tokens"]} for r in trl["per_step"]]
     engines = ["policy"] + ["reference"] * trl["reference_model"] + ["reward"]
     return {"side": "trl", "estimator": "grpo", "engines": engines, "processes": 1,
-            "omp_num_threads": trl["torch_threads"], "wall_s": time.perf_counter() - started, "load_average_max": load,
+            "omp_num_threads": trl["torch_threads"], "wall_s": wall, "load_average_max": load,
             **summarise(rows, warmup, prompts * samples),
             "trl": {k: v for k, v in trl.items() if k not in ("per_step", "phase_s_median", "phase_share_median")},
             "per_step": [{k: v for k, v in r.items() if k.startswith("time/") or k in ("step", "generated_tokens")}

@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -174,6 +175,24 @@ def rlhf_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
 
 
+def run_logged(cmd: list[str], env: dict[str, str], log_path: Path, poll_s: float = 0.5,
+               while_running: Callable[[int], None] | None = None) -> tuple[float, float]:
+    """Run `cmd` with its output in `log_path`, calling `while_running(pid)` at each poll; returns (wall
+    seconds, highest 1-minute load average seen while it ran). Raises with the log's tail on failure."""
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        while (code := proc.poll()) is None:
+            if while_running is not None:
+                while_running(proc.pid)
+            load = max(load, os.getloadavg()[0])
+            time.sleep(poll_s)
+    if code != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise SystemExit(f"`{' '.join(cmd)}` failed with exit code {code}; log: {log_path}\n{tail}")
+    return time.perf_counter() - started, load
+
+
 def run_stage(config_path: Path, run_dir: Path, ranks: int, preset: str, threads: int,
               log_path: Path) -> tuple[float, float]:
     """`rlhf run` on CPU ranks; returns (wall seconds, highest 1-minute load average seen while it ran).
@@ -184,16 +203,7 @@ def run_stage(config_path: Path, run_dir: Path, ranks: int, preset: str, threads
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = rlhf_command() + ["run", str(config_path), "--run-dir", str(run_dir),
                             f"deepspeed.num_gpus={ranks}", f"deepspeed.config={preset}"]
-    started, load = time.perf_counter(), os.getloadavg()[0]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        while (code := proc.poll()) is None:
-            time.sleep(1.0)
-            load = max(load, os.getloadavg()[0])
-    if code != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"`{' '.join(cmd)}` failed with exit code {code}; log: {log_path}\n{tail}")
-    return time.perf_counter() - started, load
+    return run_logged(cmd, env, log_path, poll_s=1.0)
 
 
 def summarise(rows: list[dict], warmup: int) -> dict:

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -158,20 +157,15 @@ def run_stage(config_path: Path, run_dir: Path, ranks: int, preset: str, log_pat
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline")
     cmd = base.rlhf_command() + ["run", str(config_path), "--run-dir", str(run_dir),
                                  f"deepspeed.num_gpus={ranks}", f"deepspeed.config={preset}"]
-    started, load = time.perf_counter(), os.getloadavg()[0]
     peak: dict[int, tuple[float, str]] = {}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        while (code := proc.poll()) is None:
-            for pid in _descendants(proc.pid):
-                info = _process_info(pid)
-                if info is not None:
-                    peak[pid] = (max(info[0], peak.get(pid, (0.0, ""))[0]), info[1])
-            load = max(load, os.getloadavg()[0])
-            time.sleep(0.5)
-    if code != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"`{' '.join(cmd)}` failed with exit code {code}; log: {log_path}\n{tail}")
+
+    def sample_memory(root: int) -> None:
+        for pid in _descendants(root):
+            info = _process_info(pid)
+            if info is not None:
+                peak[pid] = (max(info[0], peak.get(pid, (0.0, ""))[0]), info[1])
+
+    wall, load = base.run_logged(cmd, env, log_path, while_running=sample_memory)
     memory: dict[str, float] = {}
     for mib, label in peak.values():
         memory[label] = max(memory.get(label, 0.0), mib)
@@ -179,7 +173,7 @@ def run_stage(config_path: Path, run_dir: Path, ranks: int, preset: str, log_pat
     rank0 = None
     if manifest.exists():
         rank0 = json.loads(manifest.read_text()).get("metrics", {}).get("peak_memory_mib")
-    return {"wall_s": time.perf_counter() - started, "load_average_max": load,
+    return {"wall_s": wall, "load_average_max": load,
             "peak_rss_mib": dict(sorted(memory.items())), "manifest_peak_memory_mib_rank0": rank0}
 
 
@@ -192,15 +186,8 @@ def run_bare(setting: dict, steps: int, warmup: int, threads: int, log_path: Pat
            "--rollout", str(base.ROLLOUT), "--new-tokens", str(NEW_TOKENS), "--epochs", str(base.EPOCHS),
            "--max-prompt-length", str(base.N_POSITIONS - NEW_TOKENS), "--threads", str(threads),
            "--out", str(out)]
-    started, load = time.perf_counter(), os.getloadavg()[0]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        while (code := proc.poll()) is None:
-            time.sleep(0.5)
-            load = max(load, os.getloadavg()[0])
-    if code != 0:
-        raise SystemExit(f"bare loop failed ({code}); log: {log_path}\n{log_path.read_text()[-3000:]}")
-    return {**json.loads(out.read_text()), "wall_s": time.perf_counter() - started, "load_average_max": load}
+    wall, load = base.run_logged(cmd, env, log_path)
+    return {**json.loads(out.read_text()), "wall_s": wall, "load_average_max": load}
 
 
 # ---------------------------------------------------------------- one size
