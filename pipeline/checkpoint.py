@@ -104,6 +104,15 @@ def recover_dir(final: str | Path) -> None:
 CHECKPOINT_MARKERS = ("rlhf_complete.json", "ppo_state.json")
 
 
+def resume_point(given: str | Path | None, stage_dir: str | Path) -> Path | None:
+    """The checkpoint a stage resumes from: `--from` if given, else its newest complete one, else None.
+    One answer for the orchestrator's check before the launch and the stage's own load."""
+    if given is not None:
+        return Path(given)
+    newest = complete_checkpoints(stage_dir)[-1:]
+    return newest[0] if newest else None
+
+
 def check_resumable(path: Path, stage: str, config_hash: str, stage_config: dict[str, Any], world_size: int,
                     force: bool) -> dict[str, Any]:
     """Refuse a checkpoint that was not saved complete, or by another rank count, or (unless `force`) by

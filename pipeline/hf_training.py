@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline import ds_config
 from pipeline.checkpoint import (CHECKPOINT_MARKERS, check_resumable, complete_checkpoints, fault_point, read_json,
-                                 write_json)
+                                 resume_point, write_json)
 from pipeline.config import TrainLoop
 from pipeline.errors import UserError
 from pipeline.context import StageContext
@@ -192,10 +192,10 @@ def resume_checkpoint(ctx: StageContext) -> str | None:
     from pipeline.rundir import semantic_stage_config
 
     stage_config = semantic_stage_config(ctx.config, ctx.name)
-    path = ctx.resume_from or next(iter(complete_checkpoints(ctx.output_dir)[-1:]), None)
+    path = resume_point(ctx.resume_from, ctx.output_dir)
     if path is None:
         return None
-    check_resumable(Path(path), ctx.name, ctx.config_hash, stage_config, ctx.world_size, ctx.force_resume)
+    check_resumable(path, ctx.name, ctx.config_hash, stage_config, ctx.world_size, ctx.force_resume)
     if ctx.is_main:
         print(f"[{ctx.name}] resuming from {path}", flush=True)
     return str(path)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipeline import movie_reviews
-from pipeline.checkpoint import atomic_write_text, check_resumable, complete_checkpoints
+from pipeline.checkpoint import atomic_write_text, check_resumable, complete_checkpoints, resume_point
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import (check_per_node, launcher_command, launcher_env, node_rank, release_shm, run_launcher,
@@ -83,9 +83,9 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         preflight_launch(cfg, stage, inputs)
         if manifest and stage not in resume_from and not follower:
             supersede_checkpoints(run_dir, stage, manifest["config_hash"])
-        resume_point = resume_from.get(stage) or next(iter(complete_checkpoints(run_dir.stage_dir(stage))[-1:]), None)
-        if resume_point is not None:  # the stage will resume from it: refuse a wrong one before the launch
-            check_resumable(resume_point, stage, fingerprint, semantic_stage_config(cfg, stage), ds.world_size,
+        resume_from_here = resume_point(resume_from.get(stage), run_dir.stage_dir(stage))
+        if resume_from_here is not None:  # the stage will resume from it: refuse a wrong one before the launch
+            check_resumable(resume_from_here, stage, fingerprint, semantic_stage_config(cfg, stage), ds.world_size,
                             force_resume)
         extra = ["--resume-from", str(resume_from[stage])] if stage in resume_from else []
         extra += ["--force-resume"] if force_resume else []

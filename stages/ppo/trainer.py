@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import ds_config, sharding
+from pipeline.checkpoint import resume_point
 from pipeline.context import StageContext
 from pipeline.data import load_stage_rows
 from pipeline.errors import UserError
@@ -240,10 +241,9 @@ def train(ctx: StageContext, models: PPOModels, values: ValueSide, tokenizer, pr
 def resume(ctx: StageContext, engines: dict[str, Any], loop: LoopState) -> int:
     """The resume decision: `--from`, else the newest complete checkpoint, else none. Restores the
     engines, RNG and `loop` from it; returns the step to start from."""
-    path = ctx.resume_from or next(iter(ckpt.complete_checkpoints(ctx.output_dir)[-1:]), None)
+    path = resume_point(ctx.resume_from, ctx.output_dir)
     if path is None:
         return 0
-    path = Path(path)
     saved = ckpt.load(path, engines, ctx.rank, ctx.world_size, ctx.config_hash, semantic_stage_config(ctx.config, "ppo"),
                       ctx.force_resume)
     loop.kl_ctl.load_state_dict(saved["kl_controller"])
