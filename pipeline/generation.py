@@ -9,6 +9,8 @@ gathered once per rollout batch and DeepSpeed's per-module hooks are off, so no 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from pipeline.chat import render_prompt
@@ -34,6 +36,25 @@ def encode_prompts(tokenizer, prompts: list[Prompt], max_len: int | None) -> lis
     texts = [render_prompt(tokenizer, p) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return ids if max_len is None else [x[-max_len:] for x in ids]
+
+
+def stop_token_ids(tokenizer, model=None) -> tuple[int, ...]:
+    """The ids that end a response: the tokenizer's EOS and every id the model's generation_config lists.
+
+    Instruct checkpoints often list several (Qwen2.5: `<|im_end|>` and `<|endoftext|>`; Llama-3:
+    `<|eot_id|>`, `<|eom_id|>` and `<|end_of_text|>`), and `generate` stops on any of them; so do we.
+    """
+    ids = {tokenizer.eos_token_id}
+    for candidate in (model, getattr(model, "module", None), getattr(model, "base_model", None)):
+        listed = getattr(getattr(candidate, "generation_config", None), "eos_token_id", None)
+        if listed is not None:
+            ids.update([listed] if isinstance(listed, int) else listed)
+            break
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def _stop_tensor(eos_id: int | Sequence[int], device) -> torch.Tensor:
+    return torch.as_tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -70,7 +91,7 @@ def sample(
     prompt_mask: torch.Tensor,
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_id: int | Sequence[int],
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -79,6 +100,7 @@ def sample(
 ) -> torch.Tensor:
     """Sample responses [B, max_new_tokens] for left-padded prompts; after EOS a row holds `pad_id`.
 
+    `eos_id` is one id or several (`stop_token_ids`); a row ends at the first of any of them.
     EOS cannot be sampled before `min_new_tokens` tokens (as in `generate(min_new_tokens=...)`).
     Stops early once every row has produced EOS (the returned width is then smaller).
     The loop runs in inference mode (no autograd bookkeeping per op); the tokens are copied out of it
@@ -104,14 +126,15 @@ def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temp
     next_position = positions[:, -1:] + 1
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    stops = _stop_tensor(eos_id, device)
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             logits = logits.clone()
-            logits[:, eos_id] = float("-inf")
+            logits[:, stops] = float("-inf")
         token = sample_token(logits, temperature, top_p, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens[:, t] = token
-        done |= token == eos_id
+        done |= torch.isin(token, stops)
         if t == max_new_tokens - 1 or bool(done.all()):
             return tokens[:, : t + 1]
         logits = model(input_ids=token[:, None], attention_mask=attention[:, : width + t + 1],
@@ -119,12 +142,13 @@ def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temp
     return tokens
 
 
-def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1.0 up to and including the first EOS of each row, 0.0 after it. [B, T] float."""
-    is_eos = (responses == eos_id).long()
+def response_mask(responses: torch.Tensor, eos_id: int | Sequence[int]) -> torch.Tensor:
+    """1.0 up to and including the first EOS (any stop id) of each row, 0.0 after it. [B, T] float."""
+    is_eos = torch.isin(responses, _stop_tensor(eos_id, responses.device)).long()
     after_eos = (is_eos.cumsum(-1) - is_eos) > 0
     return (~after_eos).float()
 
 
-def ended_with_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    return (responses == eos_id).any(-1)
+def ended_with_eos(responses: torch.Tensor, eos_id: int | Sequence[int]) -> torch.Tensor:
+    """[B] bool: the row produced a stop id (it finished rather than ran out of tokens)."""
+    return torch.isin(responses, _stop_tensor(eos_id, responses.device)).any(-1)

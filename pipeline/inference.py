@@ -126,14 +126,15 @@ def conversation_ids(tokenizer, messages: list[dict[str, str]], budget: int) -> 
 
 def reply(model, tokenizer, messages: list[dict[str, str]], sampling: Sampling, generator, device: str) -> str:
     """One sampled assistant turn for the conversation so far."""
-    from pipeline.generation import left_pad, response_mask, sample
+    from pipeline.generation import left_pad, response_mask, sample, stop_token_ids
 
     ids, mask = left_pad([conversation_ids(tokenizer, messages, prompt_budget(model, sampling.max_new_tokens))],
                          tokenizer.pad_token_id, device)
-    tokens = sample(model, ids, mask, max_new_tokens=sampling.max_new_tokens, eos_id=tokenizer.eos_token_id,
+    stops = stop_token_ids(tokenizer, model)
+    tokens = sample(model, ids, mask, max_new_tokens=sampling.max_new_tokens, eos_id=stops,
                     pad_id=tokenizer.pad_token_id, temperature=sampling.temperature, top_p=sampling.top_p,
                     generator=generator)
-    keep = response_mask(tokens, tokenizer.eos_token_id)[0] > 0
+    keep = response_mask(tokens, stops)[0] > 0
     return tokenizer.decode(tokens[0][keep].tolist(), skip_special_tokens=True).strip()
 
 

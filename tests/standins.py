@@ -61,6 +61,10 @@ FAMILIES = {
 }
 
 
+# generation_config.json's eos_token_id lists of Qwen2.5-Instruct and Llama-3-Instruct
+GENERATION_STOPS = {"qwen2": ["<|im_end|>", "<|endoftext|>"], "llama": ["<|eot_id|>", "<|end_of_text|>"]}
+
+
 @functools.lru_cache(maxsize=None)
 def _reviews() -> tuple[str, ...]:
     from pipeline.movie_reviews import load_reviews
@@ -125,6 +129,8 @@ def save_checkpoint(family: str, path: Path, dtype: str = "float32", seed: int =
     tokenizer = make_tokenizer(family)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(family, tokenizer))
+    if family in GENERATION_STOPS:  # as the instruct checkpoints ship: generate() stops on any of these
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(GENERATION_STOPS[family])
     model.to(getattr(torch, dtype)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

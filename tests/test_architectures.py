@@ -129,6 +129,11 @@ def test_family_runs_every_stage(tmp_path, in_process_launcher, family, stored):
     tokenizer = standins.make_tokenizer(family)
     sft_example = manifest(run_dir, "sft")["example"]
     ppo_prompt = manifest(run_dir, "ppo")["prompt_example"]
+    if family in standins.GENERATION_STOPS:  # every stop the checkpoint shipped survives to PPO's policy and its sampler
+        from pipeline.generation import stop_token_ids
+
+        shipped = tokenizer.convert_tokens_to_ids(standins.GENERATION_STOPS[family])
+        assert set(shipped) <= set(stop_token_ids(tokenizer, policy)) and len(shipped) == 2
     if family == "llama":  # the loss is on both assistant turns, with their end-of-turn marker, and nothing else
         row = standins.ultrachat_rows(1)[0]["messages"]
         assert sft_example["trained"] == f"{row[1]['content']}<|eot_id|>{row[3]['content']}<|eot_id|>"

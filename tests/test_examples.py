@@ -85,7 +85,10 @@ def test_example_config_runs_with_local_standins(tmp_path, standin_hub, example,
         assert m["status"] == "complete" and m["world_size"] == ranks
     AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "final")
     AutoModelForSequenceClassification.from_pretrained(run_dir / "reward" / "final")
-    AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "final")
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "final")
+    # Qwen2.5-Instruct's two stops (<|im_end|>, <|endoftext|>) survive SFT and PPO: the policy stops on either
+    assert set(policy.generation_config.eos_token_id) == set(
+        standins.make_tokenizer("qwen2").convert_tokens_to_ids(standins.GENERATION_STOPS["qwen2"]))
 
     # ultrachat's conversations went through ChatML with the loss on the assistant turns only
     first = standins.ultrachat_rows(16)

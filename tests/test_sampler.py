@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.generation import left_pad, position_ids_from_mask, response_mask, sample, sample_token
+from pipeline.generation import (ended_with_eos, left_pad, position_ids_from_mask, response_mask, sample, sample_token,
+                                 stop_token_ids)
 from tests.test_ppo_stage import tiny  # noqa: F401 (fixture)
 
 
@@ -84,6 +85,50 @@ def test_min_new_tokens_holds_eos_back_then_lets_it_through():
     assert free.tolist() == [[2], [2]]
     # sampled in inference mode, handed out as an ordinary tensor the update's autograd may keep
     assert not out.is_inference() and not free.is_inference()
+
+
+class _TwoStops(torch.nn.Module):
+    """A fake LM that puts its mass on id 3 on the first row and id 4 on the second, both stop ids."""
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(*input_ids.shape, 6)
+        logits[0, ..., 3] = 20.0
+        logits[1, ..., 4] = 20.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_a_response_ends_at_any_of_several_stop_ids():
+    ids, mask = torch.tensor([[1, 1], [1, 1]]), torch.ones(2, 2, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    out = sample(_TwoStops(), ids, mask, max_new_tokens=6, eos_id=(3, 4), pad_id=0, generator=generator,
+                 min_new_tokens=2)
+    # ids 3 and 4 are both held back for two tokens (the rows draw 0, 1, 2 or 5), then each row stops on its own
+    assert out.shape == (2, 3) and out[:, 2].tolist() == [3, 4]
+    assert not torch.isin(out[:, :2], torch.tensor([3, 4])).any()
+    only_three = sample(_TwoStops(), ids, mask, max_new_tokens=4, eos_id=3, pad_id=0, generator=generator)
+    assert only_three[0].tolist() == [3, 0, 0, 0] and only_three[1].tolist() == [4, 4, 4, 4]  # 4 is no stop here
+    responses = torch.tensor([[5, 4, 3, 5], [5, 5, 3, 4], [5, 5, 5, 5]])
+    assert response_mask(responses, (3, 4)).tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert ended_with_eos(responses, (3, 4)).tolist() == [True, True, False]
+    assert ended_with_eos(responses, 4).tolist() == [True, True, False]
+
+
+def test_stop_ids_are_the_tokenizers_eos_and_every_eos_of_the_generation_config():
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    tokenizer = SimpleNamespace(eos_token_id=7)
+    assert stop_token_ids(tokenizer) == (7,)
+    # as Qwen2.5-Instruct ships: generation_config lists <|im_end|> and <|endoftext|>
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[9, 7]))
+    assert stop_token_ids(tokenizer, model) == (7, 9)
+    single = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=8))
+    assert stop_token_ids(tokenizer, single) == (7, 8)
+    engine = SimpleNamespace(module=model)  # a DeepSpeed engine around the model
+    assert stop_token_ids(tokenizer, engine) == (7, 9)
 
 
 def _gpt2_like(tokenizer):

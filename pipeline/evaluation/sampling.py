@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.generation import encode_prompts, left_pad, response_mask, sample
+from pipeline.generation import encode_prompts, ended_with_eos, left_pad, response_mask, sample, stop_token_ids
 from pipeline.scoring import Rollout, TokenValueModel, last_token_scores, logprobs_from_logits, response_logits
 
 
@@ -17,15 +17,16 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, tempe
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
     generator = torch.Generator(device=device).manual_seed(seed)  # sampling needs it on the model's device
     texts, batches = [], []
+    stops = stop_token_ids(tokenizer, model)
     for start in range(0, len(encoded), batch_size):
         ids, mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id, device)
-        responses = sample(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+        responses = sample(model, ids, mask, max_new_tokens=max_new_tokens, eos_id=stops,
                            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, generator=generator,
                            min_new_tokens=min_new_tokens)
-        rmask = response_mask(responses, tokenizer.eos_token_id)
+        rmask = response_mask(responses, stops)
         texts += tokenizer.batch_decode(responses * rmask.long() + tokenizer.pad_token_id * (1 - rmask.long()),
                                         skip_special_tokens=True)
-        batches.append(Rollout(ids, mask, responses, rmask, (responses == tokenizer.eos_token_id).any(-1)))
+        batches.append(Rollout(ids, mask, responses, rmask, ended_with_eos(responses, stops)))
     return [t.strip() for t in texts], batches
 
 

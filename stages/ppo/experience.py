@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.generation import response_mask, sample
+from pipeline.generation import ended_with_eos, response_mask, sample, stop_token_ids
 from pipeline.scoring import (Rollout, last_token_scores, response_logits, response_values,  # noqa: F401 (re-exported)
                              sequence_inputs)
 from pipeline.zero3 import gathered_module
@@ -51,14 +51,13 @@ class Experience:
 
 def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) -> Rollout:
     with gathered_module(actor_engine) as model:
+        stops = stop_token_ids(tokenizer, model)
         responses = sample(
-            model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_id=tokenizer.eos_token_id,
+            model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens, eos_id=stops,
             pad_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
             min_new_tokens=cfg.min_new_tokens,
         )
-    mask = response_mask(responses, tokenizer.eos_token_id)
-    ended = (responses == tokenizer.eos_token_id).any(-1)
-    return Rollout(prompt_ids, prompt_mask, responses, mask, ended)
+    return Rollout(prompt_ids, prompt_mask, responses, response_mask(responses, stops), ended_with_eos(responses, stops))
 
 
 def score(models, values, r: Rollout, temperature: float) -> Scores:
