@@ -100,8 +100,36 @@ def recover_dir(final: str | Path) -> None:
         os.replace(previous, final)
 
 
-# A periodic checkpoint counts only once its stage wrote one of these, after every rank finished.
-CHECKPOINT_MARKERS = ("rlhf_complete.json", "ppo_state.json")
+# One protocol for every stage's periodic checkpoints (the Trainer stages' and PPO's): before any rank
+# writes checkpoint-N in place, `open_checkpoint` withdraws a marker an earlier run left there; once every
+# rank has written its files, `seal_checkpoint` has rank 0 write the marker (atomically: the commit point)
+# and only then rotate old ones away. A checkpoint without the marker never counts, so a crash at any
+# moment leaves the previous complete one as the newest.
+CHECKPOINT_MARKER = "rlhf_complete.json"
+# PPO checkpoints written before that protocol (renamed into place, ppo_state.json last) still count.
+CHECKPOINT_MARKERS = (CHECKPOINT_MARKER, "ppo_state.json")
+
+
+def open_checkpoint(path: Path, is_main: bool, barrier) -> None:
+    """Before the ranks write `path` in place: a rerun that resumed from an older step rewrites a newer
+    one, and its old marker must not vouch for half-new files."""
+    if is_main:
+        for name in CHECKPOINT_MARKERS:
+            (path / name).unlink(missing_ok=True)
+    barrier()
+
+
+def seal_checkpoint(path: Path, marker: dict[str, Any], is_main: bool, barrier, keep: int) -> None:
+    """After every rank wrote its part of `path`: rank 0 writes the marker, then drops all but the newest
+    `keep` complete checkpoints. `marker` holds at least step, world_size, config_hash and stage_config
+    (what `check_resumable` reads); a stage may add its loop state."""
+    barrier()
+    if is_main:
+        _fsync_tree(path)
+        write_json(path / CHECKPOINT_MARKER, marker)
+        for old in complete_checkpoints(path.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def resume_point(given: str | Path | None, stage_dir: str | Path) -> Path | None:

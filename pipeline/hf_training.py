@@ -8,14 +8,13 @@ the final hand-off checkpoint.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from pipeline import ds_config
-from pipeline.checkpoint import (CHECKPOINT_MARKERS, check_resumable, complete_checkpoints, fault_point, read_json,
-                                 resume_point, write_json)
+from pipeline.checkpoint import (check_resumable, complete_checkpoints, fault_point, open_checkpoint, read_json,
+                                 resume_point, seal_checkpoint)
 from pipeline.config import TrainLoop
 from pipeline.errors import UserError
 from pipeline.context import StageContext
@@ -113,16 +112,13 @@ class ProgressLines(TrainerCallback):
         print(f"[{self.name}] step {state.global_step}/{state.max_steps} {values}{pace}", flush=True)
 
 
-COMPLETE_MARKER = CHECKPOINT_MARKERS[0]
-
-
 class CompleteCheckpoints(TrainerCallback):
-    """Mark a Trainer checkpoint complete only once every rank has written it, then rotate.
+    """The Trainer's checkpoints under the one protocol of `pipeline.checkpoint` (open, write, seal).
 
-    The Trainer writes `checkpoint-N` in place and rank 0 may finish (and rotate old ones away)
-    while other ranks still write their ZeRO shards. `on_save` runs on each rank after its own
-    save; after a barrier, rank 0 writes the marker that makes the checkpoint resumable and only
-    then deletes the oldest complete ones, so a crash at any moment leaves a complete checkpoint.
+    The Trainer writes `checkpoint-N` in place and rank 0 may finish (and rotate old ones away) while
+    other ranks still write their ZeRO shards. `on_step_end` of a save step, before the Trainer writes,
+    withdraws an old marker from `checkpoint-N`; `on_save` runs on each rank after its own save and
+    seals the checkpoint once every rank is there.
 
     Every save step also closes a logging window (FiniteLossGuard.on_step_end): a resumed Trainer
     starts a new window at its checkpoint's step, so a window spanning it would log a different
@@ -133,22 +129,26 @@ class CompleteCheckpoints(TrainerCallback):
         self.ctx = ctx
         self.stage_config = stage_config
 
-    def on_save(self, args, state, control, **kwargs):
-        import torch.distributed as dist
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:  # set by the Trainer's own flow callback, which runs before this one
+            open_checkpoint(self._path(state), self.ctx.is_main, _barrier)
 
+    def on_save(self, args, state, control, **kwargs):
         fault_point(self.ctx.name, state.global_step, "writing")  # tests only: every file but the marker
-        if dist.is_initialized():
-            dist.barrier()
-        if self.ctx.is_main:
-            path = self.ctx.output_dir / f"checkpoint-{state.global_step}"
-            write_json(path / COMPLETE_MARKER, {"step": state.global_step, "world_size": self.ctx.world_size,
-                                                "config_hash": self.ctx.config_hash,
-                                                "stage_config": self.stage_config})
-            for old in complete_checkpoints(self.ctx.output_dir)[: -self.ctx.section.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        if dist.is_initialized():
-            dist.barrier()
+        seal_checkpoint(self._path(state), {"step": state.global_step, "world_size": self.ctx.world_size,
+                                            "config_hash": self.ctx.config_hash, "stage_config": self.stage_config},
+                        self.ctx.is_main, _barrier, self.ctx.section.keep_checkpoints)
         fault_point(self.ctx.name, state.global_step, "saved")
+
+    def _path(self, state) -> Path:
+        return self.ctx.output_dir / f"checkpoint-{state.global_step}"
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def check_finite(stage: str, values: dict[str, Any], step: int, stage_dir: Path) -> None:

@@ -122,7 +122,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def ppo_state(run_dir: Path, step: int) -> dict[str, Any]:
-    return json.loads((run_dir / "ppo" / f"checkpoint-{step}" / "ppo_state.json").read_text())
+    return json.loads((run_dir / "ppo" / f"checkpoint-{step}" / "rlhf_complete.json").read_text())
 
 
 def manifest(run_dir: Path) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def manifest(run_dir: Path) -> dict[str, Any]:
 def test_ema_is_the_decayed_average_of_the_actor_after_each_step(features, tiny):
     """ema_1 = d * actor_0 + (1 - d) * actor_1 (the EMA starts at the initial actor), and after the last step
     final/ema = d * ema_2 + (1 - d) * final actor: it differs from the actor by d * (ema_2 - actor_3).
-    Each checkpoint holds its EMA as checkpoint-N/ema.safetensors, not in ppo_state.json."""
+    Each checkpoint holds its EMA as checkpoint-N/ema.safetensors, not in its marker (rlhf_complete.json)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 

@@ -37,8 +37,8 @@ def test_ema_is_saved_beside_the_checkpoint_and_restored_bit_for_bit(tmp_path, d
     ema.update(model)
 
     path = save(tmp_path, ema)
-    assert sorted(p.name for p in path.iterdir()) == ["ema.safetensors", "ppo_state.json", "rng_rank0.json"]
-    assert json.loads((path / "ppo_state.json").read_text()) == {"step": 1}  # no weights in the JSON
+    assert sorted(p.name for p in path.iterdir()) == ["ema.safetensors", "rlhf_complete.json", "rng_rank0.json"]
+    assert json.loads((path / "rlhf_complete.json").read_text()) == {"step": 1}  # no weights in the JSON
 
     resumed = EMA(actor(dtype), decay=0.9)  # a resumed run starts from its initial actor, then loads
     resumed.load(ckpt.load_tensors(path, "ema"), path)

@@ -104,15 +104,15 @@ def crash_while_writing(config: Path, run_dir: Path, stage: str, step: int, resu
     code, out = finish(start(config, run_dir, *args, fault=f"{stage}:{step}:writing"))
     assert code != 0, f"the run was meant to die writing checkpoint-{step}:\n{out}"
     stage_dir = run_dir / stage
-    half = [p for p in (stage_dir / f"checkpoint-{step}", stage_dir / f".tmp-checkpoint-{step}") if p.exists()]
-    assert half and any(half[0].rglob("*")), f"nothing of checkpoint-{step} was written:\n{out}"
+    half = stage_dir / f"checkpoint-{step}"
+    assert half.exists() and any(half.rglob("*")), f"nothing of checkpoint-{step} was written:\n{out}"
     assert not (stage_dir / "final").exists()
     # The half-written checkpoint never counts: the previous one is still the newest complete one.
-    assert half[0] not in complete_checkpoints(stage_dir)
+    assert half not in complete_checkpoints(stage_dir)
     assert newest_complete(run_dir, stage) == resumes_from
     status = subprocess.run([*RLHF, "status", str(run_dir)], env=env(), capture_output=True, text=True, check=True)
     assert f"would resume from: {stage_dir / f'checkpoint-{resumes_from}'}" in status.stdout, status.stdout
-    return half[0]
+    return half
 
 
 def newest_complete(run_dir: Path, stage: str) -> int:

@@ -277,7 +277,7 @@ def test_two_rank_ppo_is_one_run_with_step_metrics_and_samples(ppo_two_ranks):
 def test_killed_ppo_stage_resumes_the_same_run(tiny, tmp_path):
     config = write_config(tmp_path / "ppo.yaml", tiny, save_steps=2, **PPO)
     run_dir = tmp_path / "run"
-    marker = run_dir / "ppo" / "checkpoint-2" / "ppo_state.json"  # written last: the checkpoint is complete
+    marker = run_dir / "ppo" / "checkpoint-2" / "rlhf_complete.json"  # written last: the checkpoint is complete
     kill_at_checkpoint(rlhf_command(config, run_dir, *WANDB), marker.parent, tmp_path / "killed_run.log",
                        wandb_env(tmp_path), RUN_TIMEOUT_S, cwd=tmp_path)
     run_id = (run_dir / "ppo" / "wandb_run_id").read_text().strip()

@@ -4,16 +4,16 @@
       actor/, critic/       DeepSpeed checkpoints (weights, optimizer, scheduler, ZeRO shards)
       rng_rank{r}.json      python, numpy and torch RNG state of rank r
       ema.safetensors       the EMA of the actor's trainable weights (with ppo.ema_decay)
-      ppo_state.json        step, KL controller, reward statistics, tracker id, config (written last)
+      rlhf_complete.json    step, KL controller, reward statistics, tracker id, config: the marker,
+                            written by rank 0 once every rank finished (pipeline.checkpoint's protocol)
 
-Every rank writes into `.tmp-checkpoint-N`; rank 0 renames it to `checkpoint-N` only after all
-ranks finished, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+A crash mid-save leaves checkpoint-N without its marker, so the previous checkpoint stays the newest
+complete one. (Checkpoints from before that protocol hold the same state as ppo_state.json.)
 """
 
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import (CHECKPOINT_MARKERS, check_resumable, complete_checkpoints, fault_point, publish_dir,
-                                 read_json, write_json)
+from pipeline.checkpoint import check_resumable, fault_point, open_checkpoint, read_json, seal_checkpoint, write_json
 from pipeline.errors import UserError
-
-STATE_FILE = CHECKPOINT_MARKERS[1]
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,30 +44,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(stage_dir: Path, step: int, engines: dict[str, Any], state: dict[str, Any], rank: int,
          keep: int, barrier, tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write checkpoint-`step` on every rank; rank 0 publishes it and drops all but the newest `keep`.
+    """Write checkpoint-`step` on every rank under the one protocol of `pipeline.checkpoint`; `state` (the
+    loop state, with what `check_resumable` reads) becomes its marker, written last by rank 0.
 
     `tensors` (the same on every rank): named sets of tensors that rank 0 writes as `<name>.safetensors`.
     """
-    final = stage_dir / f"checkpoint-{step}"
-    tmp = stage_dir / f".tmp-checkpoint-{step}"
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
-    barrier()
+    path = stage_dir / f"checkpoint-{step}"
+    open_checkpoint(path, rank == 0, barrier)
     for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp / name), tag="state")
+        engine.save_checkpoint(str(path / name), tag="state")
         fault_point("ppo", step, "writing")  # tests only: the actor written, the critic not
-    write_json(tmp / f"rng_rank{rank}.json", rng_state())
-    barrier()
+    write_json(path / f"rng_rank{rank}.json", rng_state())
     if rank == 0:
         for name, named in (tensors or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tmp / f"{name}.safetensors"))
-        write_json(tmp / STATE_FILE, state)
-        publish_dir(tmp, final)
-        for old in complete_checkpoints(stage_dir)[:-keep]:
-            shutil.rmtree(old)
-    barrier()
+            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(path / f"{name}.safetensors"))
+    seal_checkpoint(path, state, rank == 0, barrier, keep)
     fault_point("ppo", step, "saved")
-    return final
+    return path
 
 
 def load(path: Path, engines: dict[str, Any], rank: int, world_size: int, config_hash: str,
