@@ -324,8 +324,8 @@ def check_model(name: str, args, device, dtype, figures: dict) -> dict:
     idx = torch.arange(args.minibatch, device=device)
     mb = xp.Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.responses[idx], r.mask[idx], r.ended[idx])
     reset_peak(device)
-    actor_s, stats = timed(lambda: ppo_update.actor_update(models, mb, logprobs[idx], adv[idx], section,
-                                                           ref_logprobs[idx], section.kl_coef),
+    actor_s, (stats, _) = timed(lambda: ppo_update.actor_update(models, mb, logprobs[idx], adv[idx], section,
+                                                                ref_logprobs[idx], section.kl_coef),
                            device, args.repeats, args.path_budget_s)
     engine_peak["actor"] = max(engine_peak["actor"], peak(device))
     reset_peak(device)

@@ -232,8 +232,8 @@ def ppo_check(args, cfg, device, dtype, base_state) -> dict:
                 idx = order[start : start + section.minibatch_size]
                 mb = xp.Rollout(r.prompt_ids[idx], r.prompt_mask[idx], r.responses[idx], r.mask[idx], r.ended[idx])
                 # the stage's own update steps (under ZeRO-3: gathered whole when within the live budget)
-                actor = ppo_update.actor_update(models, mb, logprobs[idx], adv[idx], section, ref_logprobs[idx],
-                                                section.kl_coef)
+                actor, _ = ppo_update.actor_update(models, mb, logprobs[idx], adv[idx], section, ref_logprobs[idx],
+                                                   section.kl_coef)
                 critic = ppo_update.critic_update(models, mb, values[idx], returns[idx], section.clip_range_value)
                 losses.append((actor["policy_loss"], critic["value_loss"]))
             return losses

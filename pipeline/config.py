@@ -261,6 +261,14 @@ class PPOSection(Optimisation):
         """Only GAE needs a critic; grpo, rloo and reinforce_pp build three models, not four."""
         return self.advantage_estimator == "gae"
 
+    @property
+    def old_logprobs_from_update(self) -> bool:
+        """One epoch of one minibatch, the KL out of the reward: the update trains the very policy that
+        sampled, so its own forward gives the "old" log-probs and scoring skips the actor's forward
+        (as TRL's GRPOTrainer does with num_iterations=1)."""
+        return (self.ppo_epochs == 1 and self.kl_in == "loss"
+                and self.minibatch_size == self.rollout_batch_size * self.samples_per_prompt)
+
     def validate(self, p: str) -> None:
         super().validate(p)
         for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length"):

@@ -98,10 +98,11 @@ def test_bad_estimator_settings_are_refused(overrides, message):
 # ---- runs ---------------------------------------------------------------------------------------------------------
 
 from tests.test_ppo_stage import (RUN_TIMEOUT_S, assert_same_weights, cli_env, final_weights, metric_rows,  # noqa: E402
-                                  rlhf_command, rlhf_run, tiny, without_time, write_config)
+                                  ppo_context, rlhf_command, rlhf_run, single_process_group, tiny, without_time,
+                                  write_config)
 from tests.conftest import kill_at_checkpoint  # noqa: E402
 
-__all__ = ["tiny"]  # module fixture shared with the PPO stage's tests
+__all__ = ["single_process_group", "tiny"]  # fixtures shared with the PPO stage's tests
 GRPO = dict(advantage_estimator="grpo", samples_per_prompt=2, rollout_batch_size=4, minibatch_size=4,
             kl_in="loss", loss_agg="seq_mean_token_sum")
 
@@ -139,3 +140,46 @@ def test_rloo_on_two_zero3_ranks(tiny, tmp_path):
     assert set(engines) == {"actor", "reference", "reward"}
     assert all(len(e["per_rank"]) == 2 for e in engines.values())
     assert sorted(metric_rows(tmp_path / "run")) == [1, 2]
+
+
+@pytest.mark.slow
+def test_one_epoch_of_one_minibatch_takes_the_old_logprobs_from_the_update_forward(tiny, tmp_path,
+                                                                                  single_process_group):
+    """With ppo_epochs 1, one minibatch and the KL as a loss term, scoring skips the actor's forward (as TRL's
+    GRPOTrainer does with num_iterations=1): the update's forward gives the old log-probs. The step is the
+    same as with the separate forward: same weights, statistics, KL and log-probs."""
+    from pipeline.generation import encode_prompts, left_pad
+    from stages.ppo import experience as xp
+    from stages.ppo.engines import build_models
+    from stages.ppo.update import update
+    from stages.ppo.value_process import InProcess
+
+    one_pass = {**GRPO, "ppo_epochs": 1, "minibatch_size": 8}
+    ctx = ppo_context(tiny, tmp_path, **one_pass)
+    cfg = ctx.config.ppo
+    assert cfg.old_logprobs_from_update
+    assert not ppo_context(tiny, tmp_path, **{**one_pass, "ppo_epochs": 2}).config.ppo.old_logprobs_from_update
+    assert not ppo_context(tiny, tmp_path, **{**one_pass, "kl_in": "reward"}).config.ppo.old_logprobs_from_update
+    tok = tiny.tokenizer
+    prompts = [p for p in ["A fine film", "It was", "The plot", "Why"] for _ in range(2)]
+    ids, mask = left_pad(encode_prompts(tok, prompts, 32), tok.pad_token_id)
+    results = []
+    for scored_first in (True, False):
+        torch.manual_seed(0)
+        models = build_models(ctx, tok, total_updates=2)
+        values = InProcess(models)
+        r = xp.rollout(models.actor, ids, mask, cfg, tok, torch.Generator().manual_seed(0))
+        scored = xp.score(models, values, r, cfg.temperature, actor=scored_first)
+        assert (scored.logprobs is None) == (not scored_first)
+        adv = xp.advantages(scored, scored.raw_scores, r, cfg, 0.05)
+        stats = update(models, values, xp.Experience(rollout=r, scores=scored, advantages=adv), cfg, 8,
+                       torch.Generator().manual_seed(1), kl_coef=0.05)
+        weights = {k: v.detach().clone() for k, v in models.actor.module.state_dict().items()}
+        results.append((r.responses, scored.logprobs, adv.kl, adv.advantages, stats, weights))
+    (resp_a, logp_a, kl_a, adv_a, stats_a, w_a), (resp_b, logp_b, kl_b, adv_b, stats_b, w_b) = results
+    assert torch.equal(resp_a, resp_b) and torch.equal(adv_a, adv_b)
+    torch.testing.assert_close(logp_b, logp_a, rtol=0, atol=1e-6)  # filled in by the update, every row
+    torch.testing.assert_close(kl_b, kl_a, rtol=0, atol=1e-6)
+    assert stats_b.keys() == stats_a.keys() and stats_b["clipfrac"] == 0.0
+    assert all(abs(stats_b[k] - stats_a[k]) <= 1e-6 for k in stats_a), (stats_a, stats_b)
+    assert all(torch.allclose(w_a[k], w_b[k], rtol=0, atol=1e-7) for k in w_a)

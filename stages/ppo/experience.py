@@ -24,7 +24,8 @@ from stages.ppo import estimators, maths
 class Scores:
     """Phase 2: the four models on a rollout."""
 
-    logprobs: torch.Tensor  # [B, T] actor log-probs at sampling time (the "old" policy)
+    logprobs: torch.Tensor | None  # [B, T] actor log-probs at sampling time (the "old" policy); None until the
+    # update's forward gives them (ppo.old_logprobs_from_update)
     ref_logprobs: torch.Tensor  # [B, T] reference log-probs
     values: torch.Tensor  # [B, T] critic values before each response token (zeros without a critic)
     raw_scores: torch.Tensor  # [B] reward model at the last real token
@@ -34,7 +35,8 @@ class Scores:
 class Advantages:
     """Phase 3: the shaped per-token rewards and what the actor and the critic train towards."""
 
-    kl: torch.Tensor  # [B, T] per-token KL estimate used in the reward
+    kl: torch.Tensor | None  # [B, T] per-token KL estimate (in the reward with kl_in: reward); None until the
+    # actor's log-probs are known (ppo.old_logprobs_from_update: after the update)
     rewards: torch.Tensor  # [B, T] -kl_coef * kl, plus the shaped score at the last real token
     advantages: torch.Tensor  # [B, T] by ppo.advantage_estimator (GAE whitened if configured)
     returns: torch.Tensor  # [B, T] advantages + values (critic targets); the advantages without a critic
@@ -60,14 +62,15 @@ def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) ->
     return Rollout(prompt_ids, prompt_mask, responses, response_mask(responses, stops), ended_with_eos(responses, stops))
 
 
-def score(models, values, r: Rollout, temperature: float) -> Scores:
+def score(models, values, r: Rollout, temperature: float, actor: bool = True) -> Scores:
     """Phase 2: old log-probs, reference log-probs, values and raw scores for a rollout.
 
     The critic and the reward model score on the value side (`values`, stages/ppo/value_process.py);
-    in a value process they do while the actor and the reference score here.
+    in a value process they do while the actor and the reference score here. `actor=False` leaves the
+    old log-probs to the update (ppo.old_logprobs_from_update).
     """
     (critic_values, raw_scores), (logprobs, ref_logprobs) = values.score(
-        r, meanwhile=lambda: policy_logprobs(models, r, temperature))
+        r, meanwhile=lambda: policy_logprobs(models, r, temperature, actor))
     return Scores(logprobs, ref_logprobs, critic_values, raw_scores)
 
 
@@ -90,10 +93,13 @@ def value_scores(models, r: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def policy_logprobs(models, r: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The actor's and the reference's log-probs of the sampled tokens."""
+def policy_logprobs(models, r: Rollout, temperature: float,
+                    with_actor: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The actor's (None without `with_actor`) and the reference's log-probs of the sampled tokens."""
+    logprobs = None
     with gathered_module(models.actor) as actor:
-        logprobs = maths.logprobs_from_logits(response_logits(actor, r) / temperature, r.responses)
+        if with_actor:
+            logprobs = maths.logprobs_from_logits(response_logits(actor, r) / temperature, r.responses)
         if models.reference is None:  # LoRA actor: its base model with the adapters switched off
             with actor.disable_adapter():
                 ref_logits = response_logits(actor, r)
@@ -150,9 +156,10 @@ def advantages(s: Scores, scores: torch.Tensor, r: Rollout, cfg, kl_coef: float)
     score less its summed KL penalty) against the other samples of its prompt, on every token.
     reinforce_pp: batch-whitened returns. Without a critic, `returns` is the advantage (unused).
     """
-    kl = maths.kl_estimate(s.logprobs, s.ref_logprobs, cfg.kl_estimator)
+    kl = None if s.logprobs is None else maths.kl_estimate(s.logprobs, s.ref_logprobs, cfg.kl_estimator)
     coef = kl_coef if cfg.kl_in == "reward" else 0.0
-    rewards, _ = maths.compute_rewards(scores, kl, coef, r.mask, clip_reward=cfg.reward_clip)
+    in_reward = kl if kl is not None else torch.zeros_like(s.ref_logprobs)  # None only with kl_in: loss
+    rewards, _ = maths.compute_rewards(scores, in_reward, coef, r.mask, clip_reward=cfg.reward_clip)
     if cfg.advantage_estimator == "gae":
         adv, returns = maths.gae_advantages(rewards, s.values, r.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:

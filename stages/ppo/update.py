@@ -38,13 +38,18 @@ class CriticBatch:
     returns: torch.Tensor  # [b, T] its targets
 
 
-def actor_update(models, r: xp.Rollout, old_logprobs: torch.Tensor, advantages: torch.Tensor, cfg,
-                 ref_logprobs: torch.Tensor, kl_coef: float) -> dict[str, float]:
-    """One clipped policy-gradient step of the actor on a minibatch (plus the k3 KL term with `kl_in: loss`)."""
+def actor_update(models, r: xp.Rollout, old_logprobs: torch.Tensor | None, advantages: torch.Tensor, cfg,
+                 ref_logprobs: torch.Tensor, kl_coef: float) -> tuple[dict[str, float], torch.Tensor]:
+    """One clipped policy-gradient step of the actor on a minibatch (plus the k3 KL term with `kl_in: loss`).
+
+    Returns its statistics and the minibatch's log-probs before the step; `old_logprobs` None: these are
+    the old ones (ppo.old_logprobs_from_update, where the policy being trained is the one that sampled)."""
     stats = {}
     with gathered_for_update(models.actor):
         logits = xp.response_logits(models.actor, r) / cfg.temperature
         logprobs = maths.logprobs_from_logits(logits, r.responses)
+        if old_logprobs is None:
+            old_logprobs = logprobs.detach()
         pg_loss, clipfrac, approx_kl = maths.policy_loss(logprobs, old_logprobs, advantages, r.mask, cfg.clip_range,
                                                          cfg.loss_agg)
         entropy = maths.masked_mean(maths.entropy_from_logits(logits), r.mask)
@@ -55,8 +60,8 @@ def actor_update(models, r: xp.Rollout, old_logprobs: torch.Tensor, advantages: 
             stats["kl_loss"] = float(kl_loss.detach())
         models.actor.backward(loss)
     models.actor.step()
-    return {"policy_loss": float(pg_loss.detach()), "clipfrac": float(clipfrac), "approx_kl": float(approx_kl),
-            "entropy": float(entropy.detach()), **stats}
+    return ({"policy_loss": float(pg_loss.detach()), "clipfrac": float(clipfrac), "approx_kl": float(approx_kl),
+             "entropy": float(entropy.detach()), **stats}, logprobs.detach())
 
 
 def critic_update(models, r: xp.Rollout, old_values: torch.Tensor, returns: torch.Tensor,
@@ -83,11 +88,19 @@ def update(models, values, exp: xp.Experience, cfg, minibatch_size: int, generat
     value process they run there while the actor's run here. Returns each statistic's mean over the steps.
     """
     s, a = exp.scores, exp.advantages
-    batches = minibatch_order(s.logprobs.shape[0], cfg.ppo_epochs, minibatch_size, generator)
+    batches = minibatch_order(s.ref_logprobs.shape[0], cfg.ppo_epochs, minibatch_size, generator)
+    deferred = s.logprobs is None  # ppo.old_logprobs_from_update: one minibatch, one epoch
 
     def actor_steps() -> list[dict[str, float]]:
-        return [actor_update(models, minibatch(exp.rollout, idx), s.logprobs[idx], a.advantages[idx], cfg,
-                             s.ref_logprobs[idx], kl_coef) for idx in batches]
+        steps = []
+        for idx in batches:
+            stats, before = actor_update(models, minibatch(exp.rollout, idx), None if deferred else s.logprobs[idx],
+                                         a.advantages[idx], cfg, s.ref_logprobs[idx], kl_coef)
+            if deferred:  # what scoring left out, for the KL metrics and controller
+                s.logprobs = torch.empty_like(s.ref_logprobs).index_copy_(0, idx, before)
+                a.kl = maths.kl_estimate(s.logprobs, s.ref_logprobs, cfg.kl_estimator)
+            steps.append(stats)
+        return steps
 
     if cfg.uses_critic:
         critic = [CriticBatch(minibatch(exp.rollout, idx), s.values[idx], a.returns[idx]) for idx in batches]
