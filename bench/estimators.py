@@ -15,7 +15,8 @@ parameters, BPE of 400 tokens, reward model of the same shape, review openings o
 
 Our rows run the real stage (`rlhf run`, 1 rank, ZeRO-0) with `ppo.advantage_estimator` set; `gae`
 builds four models (its critic and the reward model go to a second process, on the second core),
-the critic-free ones three (one process). The TRL row runs bench/trl_grpo.py in its own process. Each
+the critic-free ones three (one process). A row `name@N` runs on N CPU ranks (ZeRO-0, data parallel):
+`grpo@2` is GRPO on as many processes, and cores, as `gae` on one rank. The TRL row runs bench/trl_grpo.py in its own process. Each
 row's step time is the median over the steps after `--warmup`; with `--repeats R` the rows run R times,
 interleaved, and the median of the R medians is reported.
 
@@ -97,21 +98,35 @@ def engines_built(run_dir: Path) -> list[str] | None:
     return list(json.loads(manifest.read_text()).get("metrics", {}).get("sharding", {}).get("engines", {})) or None
 
 
-def run_ours(setting: dict, workdir: Path, estimator: str, steps: int, warmup: int, shape: tuple[int, int, int],
+def parse_row(name: str) -> tuple[str, int]:
+    """A row name: an estimator, on one rank, or `estimator@N` on N CPU ranks (ZeRO-0, data parallel)."""
+    estimator, _, ranks = name.partition("@")
+    return estimator, int(ranks or 1)
+
+
+def processes(estimator: str, ranks: int) -> int:
+    """One per rank; gae on one CPU rank adds its value process (critic and reward model, second core)."""
+    return 2 if estimator == "gae" and ranks == 1 else ranks
+
+
+def run_ours(setting: dict, workdir: Path, name: str, steps: int, warmup: int, shape: tuple[int, int, int],
              tag: str) -> dict:
     prompts, samples, new_tokens = shape
-    config_path = workdir / f"{estimator}.yaml"
+    estimator, ranks = parse_row(name)
+    label = name.replace("@", "_rank")
+    config_path = workdir / f"{label}.yaml"
     config_path.write_text(yaml.safe_dump(estimator_config(setting, estimator, steps, *shape), sort_keys=False))
-    run_dir = workdir / "runs" / f"{estimator}{tag}"
+    run_dir = workdir / "runs" / f"{label}{tag}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    wall, load = base.run_stage(config_path, run_dir, 1, "zero0", 1, workdir / f"{estimator}{tag}.log")
-    # tokens counted by the stage: this rank's response tokens over its rollout time, times that time
+    wall, load = base.run_stage(config_path, run_dir, ranks, "zero0", 1, workdir / f"{label}{tag}.log")
+    # tokens counted by the stage: a rank's response tokens over its rollout time, times that time (on several
+    # ranks, metrics.jsonl holds the mean over ranks, each rank generating its share of the rows)
     rows = [{**r, "response_length": r["ppo/response_length"],
-             "generated_tokens": round(r["time/rollout_tokens_per_s"] * r["time/rollout_s"])}
-            for r in base.read_metrics(run_dir / "ppo" / "metrics.jsonl", 1)]
+             "generated_tokens": ranks * round(r["time/rollout_tokens_per_s"] * r["time/rollout_s"])}
+            for r in base.read_metrics(run_dir / "ppo" / "metrics.jsonl", ranks)]
     engines = engines_built(run_dir)
-    return {"side": "ours", "estimator": estimator, "engines": engines,
-            "processes": 2 if estimator == "gae" else 1, "omp_num_threads": 1, "wall_s": wall,
+    return {"side": "ours", "estimator": estimator, "ranks": ranks, "engines": engines,
+            "processes": processes(estimator, ranks), "omp_num_threads": 1, "wall_s": wall,
             "load_average_max": load, **summarise(rows, warmup, prompts * samples),
             "per_step": [{k: v for k, v in r.items() if k.startswith("time/") or k in ("step", "generated_tokens")}
                          for r in rows]}
@@ -156,12 +171,15 @@ def compare(rows: dict) -> dict:
     """Our GRPO over TRL's and over our gae, on the median steps (the verdict) and on the fastest steps (the
     least disturbed by other processes: on a busy machine, a hint of what an idle one would say)."""
     out: dict = {}
-    for key, other, target in (("ours_grpo_over_trl_grpo", TRL_ROW, TARGET_OVER_TRL),
-                               ("ours_grpo_over_ours_gae", "gae", TARGET_OVER_GAE)):
-        if "grpo" in rows and other in rows:
-            ratio = rows["grpo"]["step_s_median"] / rows[other]["step_s_median"]
+    # gae on one rank already has two processes (its value process): grpo@2 is GRPO on as many
+    for key, ours, other, target in (("ours_grpo_over_trl_grpo", "grpo", TRL_ROW, TARGET_OVER_TRL),
+                                     ("ours_grpo_over_ours_gae", "grpo", "gae", TARGET_OVER_GAE),
+                                     ("ours_grpo@2_over_ours_gae", "grpo@2", "gae", TARGET_OVER_GAE)):
+        if ours in rows and other in rows:
+            ratio = rows[ours]["step_s_median"] / rows[other]["step_s_median"]
             out[key] = {"ratio": ratio, "target": target, "met": ratio <= target,
-                        "ratio_of_fastest_steps": rows["grpo"]["step_s_min"] / rows[other]["step_s_min"]}
+                        "ratio_of_fastest_steps": rows[ours]["step_s_min"] / rows[other]["step_s_min"],
+                        "processes": [rows[ours]["processes"], rows[other]["processes"]]}
     return out
 
 
@@ -199,10 +217,12 @@ def report(result: dict) -> str:
         "   forwards, decoding, advantages); TRL's update = the rest of the step; wall: whole run with start-up)",
         "",
     ]
+    names = {"ours_grpo_over_trl_grpo": "our GRPO / TRL GRPOTrainer", "ours_grpo_over_ours_gae": "our GRPO / our PPO (gae)",
+             "ours_grpo@2_over_ours_gae": "our GRPO@2 / our PPO (gae)"}
     for key, c in result["comparison"].items():
-        what = "our GRPO / TRL GRPOTrainer" if key.endswith("trl_grpo") else "our GRPO / our PPO (gae)"
-        lines.append(f"  {what:<28} {c['ratio']:.2f}x (target <= {c['target']}x): {'met' if c['met'] else 'NOT met'}"
-                     f"   (fastest steps: {c['ratio_of_fastest_steps']:.2f}x)")
+        procs = c.get("processes", [])
+        lines.append(f"  {names[key]:<28} {c['ratio']:.2f}x (target <= {c['target']}x): {'met' if c['met'] else 'NOT met'}"
+                     f"   (fastest steps: {c['ratio_of_fastest_steps']:.2f}x; processes {procs[0]} vs {procs[1]})")
     busy = [n for n, r in result["rows"].items() if r["load_average_max"] > base.CPU_CORES + 0.5]
     if busy:
         lines.append(f"  WARNING: load above {base.CPU_CORES} cores during {', '.join(busy)}: other processes shared "

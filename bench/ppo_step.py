@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bare-threads", default="1",
                         help="with --sizes: thread counts for the bare loop, e.g. 1,2 (the fastest is the ceiling)")
     parser.add_argument("--estimators", default=None,
-                        help="comma-separated ppo.advantage_estimator values (gae, grpo, rloo, reinforce_pp): our step "
+                        help="comma-separated ppo.advantage_estimator values (gae, grpo, rloo, reinforce_pp; NAME@N on N "
+                             "ranks, e.g. grpo@2): our step "
                              "for each at equal prompts x samples x new tokens, beside TRL's GRPOTrainer "
                              "(bench/estimators.py); default --out bench/results/ppo_estimators.json")
     parser.add_argument("--repeats", type=int, default=1, help="with --estimators: run every row this many times, "
@@ -339,8 +340,11 @@ def main(argv: list[str] | None = None) -> None:
         import estimators
 
         names = args.estimators.split(",")
-        if not names or set(names) - set(estimators.ESTIMATORS):
-            parser.error(f"--estimators: choices are {', '.join(estimators.ESTIMATORS)}")
+        parsed = [estimators.parse_row(n) if n.partition("@")[2].isdigit() or "@" not in n else ("?", 0)
+                  for n in names]
+        if not names or any(e not in estimators.ESTIMATORS or r < 1 for e, r in parsed):
+            parser.error(f"--estimators: choices are {', '.join(estimators.ESTIMATORS)}, each optionally @N "
+                         "for N ranks (grpo@2)")
         explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         out = args.out if "--out" in explicit else str(ROOT / "bench" / "results" / "ppo_estimators.json")
         steps = args.steps if "--steps" in explicit or not args.smoke else estimators.SMOKE_STEPS

@@ -36,24 +36,29 @@ def test_each_estimator_config_is_one_the_stage_accepts_at_equal_work(name):
     assert cfg.kl_in == ("loss" if name == "grpo" else "reward")  # grpo: k3 in the loss, as TRL's beta
 
 
-def row(step_s: float, engines: list[str], phases: dict[str, float]) -> dict:
+def row(step_s: float, engines: list[str], phases: dict[str, float], processes: int = 1) -> dict:
     steps = [{"step": i + 1, "time/step_s": step_s, **{f"time/{p}_s": v for p, v in phases.items()},
               "response_length": 16.0, "generated_tokens": 256} for i in range(4)]
-    return {"engines": engines, "processes": 1, "wall_s": 10.0, "load_average_max": 1.0,
+    return {"engines": engines, "processes": processes, "wall_s": 10.0, "load_average_max": 1.0,
             **estimators.summarise(steps, 1, 16)}
 
 
 def test_report_has_every_row_and_both_ratios_against_their_targets():
     rows = {"trl_grpo": row(0.5, ["policy", "reference", "reward"], {"rollout": 0.2, "score": 0.1, "update": 0.2}),
             "gae": row(0.3, ["actor", "critic", "reference", "reward"],
-                       {"rollout": 0.1, "score": 0.1, "advantages": 0.0, "update": 0.1}),
+                       {"rollout": 0.1, "score": 0.1, "advantages": 0.0, "update": 0.1}, processes=2),
             "grpo": row(0.2, ["actor", "reference", "reward"],
-                        {"rollout": 0.1, "score": 0.05, "advantages": 0.0, "update": 0.05})}
+                        {"rollout": 0.1, "score": 0.05, "advantages": 0.0, "update": 0.05}),
+            "grpo@2": row(0.27, ["actor", "reference", "reward"],
+                          {"rollout": 0.1, "score": 0.07, "advantages": 0.0, "update": 0.1}, processes=2)}
     comparison = estimators.compare(rows)
     assert comparison["ours_grpo_over_trl_grpo"] == {"ratio": pytest.approx(0.4), "target": 0.67, "met": True,
-                                                     "ratio_of_fastest_steps": pytest.approx(0.4)}
+                                                     "ratio_of_fastest_steps": pytest.approx(0.4), "processes": [1, 1]}
     assert comparison["ours_grpo_over_ours_gae"] == {"ratio": pytest.approx(2 / 3), "target": 0.8, "met": True,
-                                                     "ratio_of_fastest_steps": pytest.approx(2 / 3)}
+                                                     "ratio_of_fastest_steps": pytest.approx(2 / 3), "processes": [1, 2]}
+    assert comparison["ours_grpo@2_over_ours_gae"] == {"ratio": pytest.approx(0.9), "target": 0.8, "met": False,
+                                                       "ratio_of_fastest_steps": pytest.approx(0.9),
+                                                       "processes": [2, 2]}
     assert rows["grpo"]["ms_per_generated_token"] == pytest.approx(1000 * 0.2 / 256)
     result = {"setting": {"prompts_per_step": 4, "samples_per_prompt": 4, "new_tokens": 16, "kl_coef": 0.05,
                           "policy_parameters": 1, "steps": 4, "warmup": 1, "repeats": 1},
@@ -61,8 +66,18 @@ def test_report_has_every_row_and_both_ratios_against_their_targets():
     text = estimators.report(result)
     for name in rows:
         assert f"  {name} " in text
-    assert "our GRPO / TRL GRPOTrainer   0.40x (target <= 0.67x): met   (fastest steps: 0.40x)" in text
-    assert "our GRPO / our PPO (gae)     0.67x (target <= 0.8x): met   (fastest steps: 0.67x)" in text
+    assert ("our GRPO / TRL GRPOTrainer   0.40x (target <= 0.67x): met   (fastest steps: 0.40x; processes 1 vs 1)"
+            in text)
+    assert "our GRPO / our PPO (gae)     0.67x (target <= 0.8x): met   (fastest steps: 0.67x; processes 1 vs 2)" in text
+    assert ("our GRPO@2 / our PPO (gae)   0.90x (target <= 0.8x): NOT met   (fastest steps: 0.90x; processes 2 vs 2)"
+            in text)
+
+
+def test_a_row_name_may_give_its_rank_count():
+    assert estimators.parse_row("grpo") == ("grpo", 1) and estimators.parse_row("grpo@2") == ("grpo", 2)
+    # gae on one CPU rank has its value process beside it; on N ranks the critic stays in each rank
+    assert [estimators.processes("gae", 1), estimators.processes("grpo", 1), estimators.processes("gae", 2),
+            estimators.processes("grpo", 2)] == [2, 1, 2, 2]
 
 
 def test_summarise_refuses_rows_whose_token_count_is_not_the_work_asked_for():
@@ -72,7 +87,7 @@ def test_summarise_refuses_rows_whose_token_count_is_not_the_work_asked_for():
 
 
 def test_unknown_estimator_and_smoke_alone_are_refused(capsys):
-    for argv in (["--estimators", "gae,ppo"], ["--smoke"]):
+    for argv in (["--estimators", "gae,ppo"], ["--estimators", "grpo@x"], ["--estimators", "grpo@0"], ["--smoke"]):
         with pytest.raises(SystemExit) as err:
             ppo_step.main(argv)
         assert err.value.code == 2
