@@ -19,6 +19,7 @@ from pipeline.config import TrainLoop
 from pipeline.errors import UserError
 from pipeline.context import StageContext
 from pipeline.tracking import MetricsFile, NullTracker
+from pipeline.worker import barrier
 
 from transformers import TrainerCallback
 
@@ -131,24 +132,17 @@ class CompleteCheckpoints(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save:  # set by the Trainer's own flow callback, which runs before this one
-            open_checkpoint(self._path(state), self.ctx.is_main, _barrier)
+            open_checkpoint(self._path(state), self.ctx.is_main, barrier)
 
     def on_save(self, args, state, control, **kwargs):
         fault_point(self.ctx.name, state.global_step, "writing")  # tests only: every file but the marker
         seal_checkpoint(self._path(state), {"step": state.global_step, "world_size": self.ctx.world_size,
                                             "config_hash": self.ctx.config_hash, "stage_config": self.stage_config},
-                        self.ctx.is_main, _barrier, self.ctx.section.keep_checkpoints)
+                        self.ctx.is_main, barrier, self.ctx.section.keep_checkpoints)
         fault_point(self.ctx.name, state.global_step, "saved")
 
     def _path(self, state) -> Path:
         return self.ctx.output_dir / f"checkpoint-{state.global_step}"
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def check_finite(stage: str, values: dict[str, Any], step: int, stage_dir: Path) -> None:
