@@ -98,9 +98,12 @@ def engines_built(run_dir: Path) -> list[str] | None:
     return list(json.loads(manifest.read_text()).get("metrics", {}).get("sharding", {}).get("engines", {})) or None
 
 
-def parse_row(name: str) -> tuple[str, int]:
-    """A row name: an estimator, on one rank, or `estimator@N` on N CPU ranks (ZeRO-0, data parallel)."""
-    estimator, _, ranks = name.partition("@")
+def parse_row(name: str) -> tuple[str, int] | None:
+    """A row name: an estimator, on one rank, or `estimator@N` on N CPU ranks (ZeRO-0, data parallel);
+    None for anything else."""
+    estimator, at, ranks = name.partition("@")
+    if estimator not in ESTIMATORS or (at and not (ranks.isdigit() and int(ranks) >= 1)):
+        return None
     return estimator, int(ranks or 1)
 
 

@@ -340,9 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         import estimators
 
         names = args.estimators.split(",")
-        parsed = [estimators.parse_row(n) if n.partition("@")[2].isdigit() or "@" not in n else ("?", 0)
-                  for n in names]
-        if not names or any(e not in estimators.ESTIMATORS or r < 1 for e, r in parsed):
+        if not names or any(estimators.parse_row(n) is None for n in names):
             parser.error(f"--estimators: choices are {', '.join(estimators.ESTIMATORS)}, each optionally @N "
                          "for N ranks (grpo@2)")
         explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}

@@ -75,6 +75,7 @@ def test_report_has_every_row_and_both_ratios_against_their_targets():
 
 def test_a_row_name_may_give_its_rank_count():
     assert estimators.parse_row("grpo") == ("grpo", 1) and estimators.parse_row("grpo@2") == ("grpo", 2)
+    assert [estimators.parse_row(n) for n in ("ppo", "grpo@", "grpo@x", "grpo@0")] == [None] * 4
     # gae on one CPU rank has its value process beside it; on N ranks the critic stays in each rank
     assert [estimators.processes("gae", 1), estimators.processes("grpo", 1), estimators.processes("gae", 2),
             estimators.processes("grpo", 2)] == [2, 1, 2, 2]
