@@ -169,7 +169,7 @@ def test_one_epoch_of_one_minibatch_takes_the_old_logprobs_from_the_update_forwa
         models = build_models(ctx, tok, total_updates=2)
         values = InProcess(models)
         r = xp.rollout(models.actor, ids, mask, cfg, tok, torch.Generator().manual_seed(0))
-        scored = xp.score(models, values, r, cfg.temperature, actor=scored_first)
+        scored = xp.score(models, values, r, cfg.temperature, with_actor=scored_first)
         assert (scored.logprobs is None) == (not scored_first)
         adv = xp.advantages(scored, scored.raw_scores, r, cfg, 0.05)
         stats = update(models, values, xp.Experience(rollout=r, scores=scored, advantages=adv), cfg, 8,

@@ -62,15 +62,15 @@ def rollout(actor_engine, prompt_ids, prompt_mask, cfg, tokenizer, generator) ->
     return Rollout(prompt_ids, prompt_mask, responses, response_mask(responses, stops), ended_with_eos(responses, stops))
 
 
-def score(models, values, r: Rollout, temperature: float, actor: bool = True) -> Scores:
+def score(models, values, r: Rollout, temperature: float, with_actor: bool = True) -> Scores:
     """Phase 2: old log-probs, reference log-probs, values and raw scores for a rollout.
 
     The critic and the reward model score on the value side (`values`, stages/ppo/value_process.py);
-    in a value process they do while the actor and the reference score here. `actor=False` leaves the
+    in a value process they do while the actor and the reference score here. `with_actor=False` leaves the
     old log-probs to the update (ppo.old_logprobs_from_update).
     """
     (critic_values, raw_scores), (logprobs, ref_logprobs) = values.score(
-        r, meanwhile=lambda: policy_logprobs(models, r, temperature, actor))
+        r, meanwhile=lambda: policy_logprobs(models, r, temperature, with_actor))
     return Scores(logprobs, ref_logprobs, critic_values, raw_scores)
 
 

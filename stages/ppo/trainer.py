@@ -215,7 +215,7 @@ def train(ctx: StageContext, models: PPOModels, values: ValueSide, tokenizer, pr
             r = xp.rollout(models.actor, *left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id, ctx.device),
                            cfg, tokenizer, generator)
         with clock("score"):  # 2.
-            scores = xp.score(models, values, r, cfg.temperature, actor=not cfg.old_logprobs_from_update)
+            scores = xp.score(models, values, r, cfg.temperature, with_actor=not cfg.old_logprobs_from_update)
         with clock("advantages"):  # 3.
             shaped = xp.shape_scores(scores.raw_scores, r, cfg, loop.moments, all_gather_cat)
             adv = xp.advantages(scores, shaped, r, cfg, loop.kl_ctl.value)
