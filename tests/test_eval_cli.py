@@ -317,6 +317,29 @@ def test_report_writes_pngs_and_markdown(run_dir, eval_run):
     assert "pretrain: not run" in md  # a missing piece is a note, not a crash
 
 
+def test_best_of_n_bench_runs_on_the_run_dir_and_places_the_ppo_policy_beside_it(run_dir, eval_run, tmp_path):
+    """`bench/best_of_n.py`: the reward model's best-of-n frontier at both eval temperatures, with the run's
+    own PPO evaluation beside it (same prompts and seed as results.json)."""
+    out = tmp_path / "bon.json"
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "best_of_n.py"),
+                             str(run_dir), "--n", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    evaluated = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert sorted(report["temperatures"]) == sorted(evaluated["temperatures"]) == ["0.7", "1"]
+    for key, block in report["temperatures"].items():
+        assert [row["n"] for row in block["rows"]] == [1, 2, 4]
+        for row in block["rows"]:
+            for pick in ("rm_pick", "judge_pick"):
+                assert row[pick]["n"] == 4  # the four prompts of the config
+                assert row[pick]["wins"] + row[pick]["ties"] + row[pick]["losses"] == pytest.approx(1.0)
+        # the judge picking its own best can only gain on the baseline as n grows
+        judge_wins = [row["judge_pick"]["wins"] + row["judge_pick"]["ties"] for row in block["rows"]]
+        assert judge_wins == sorted(judge_wins)
+        assert block["ppo"]["win_rate"] == evaluated["temperatures"][key]["win_rates"]["ppo"]["win_rate"]
+    assert "ppo" in result.stdout and "KL <=" in result.stdout
+
+
 def test_metrics_keep_the_last_row_of_a_repeated_step(run_dir):
     metrics = read_metrics(run_dir / "sft" / "metrics.jsonl")
     assert metrics["train/loss"] == [(1, 3.7), (2, 3.4), (3, 2.5), (4, 2.4)]
