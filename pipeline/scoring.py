@@ -69,13 +69,15 @@ def sequence_inputs(r: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return ids, attention, position_ids_from_mask(attention)
 
 
-def response_logits(model, r: Rollout) -> torch.Tensor:
-    """Logits predicting each response token: [B, T, V]."""
+def response_logits(model, r: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Logits predicting each response token, over the sampling temperature: [B, T, V]."""
     ids, attention, positions = sequence_inputs(r)
     # only the last T+1 positions' logits are needed: skip the LM head over the prompt
     logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
                    logits_to_keep=r.responses.shape[1] + 1).logits
-    return logits[:, :-1].float()
+    logits = logits[:, :-1].float()
+    # x / 1.0 is exact: skip it rather than copy [B, T, V] (and, in a training pass, its gradient too)
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def response_values(value_model, r: Rollout) -> torch.Tensor:

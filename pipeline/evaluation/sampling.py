@@ -35,7 +35,7 @@ def response_logprob_sums(model, batches: list[Rollout], temperature: float) -> 
     """Sum of the response tokens' log-probs under `model` at the sampling temperature: [N]."""
     sums = []
     for r in batches:
-        logprobs = logprobs_from_logits(response_logits(model, r) / temperature, r.responses)
+        logprobs = logprobs_from_logits(response_logits(model, r, temperature), r.responses)
         sums.append(torch.where(r.mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(1))
     return torch.cat(sums)
 

@@ -99,14 +99,14 @@ def policy_logprobs(models, r: Rollout, temperature: float,
     logprobs = None
     with gathered_module(models.actor) as actor:
         if with_actor:
-            logprobs = maths.logprobs_from_logits(response_logits(actor, r) / temperature, r.responses)
+            logprobs = maths.logprobs_from_logits(response_logits(actor, r, temperature), r.responses)
         if models.reference is None:  # LoRA actor: its base model with the adapters switched off
             with actor.disable_adapter():
-                ref_logits = response_logits(actor, r)
+                ref_logits = response_logits(actor, r, temperature)
     if models.reference is not None:
         with gathered_module(models.reference) as reference:
-            ref_logits = response_logits(reference, r)
-    ref_logprobs = maths.logprobs_from_logits(ref_logits / temperature, r.responses)
+            ref_logits = response_logits(reference, r, temperature)
+    ref_logprobs = maths.logprobs_from_logits(ref_logits, r.responses)
     return logprobs, ref_logprobs
 
 

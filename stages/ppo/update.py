@@ -46,14 +46,21 @@ def actor_update(models, r: xp.Rollout, old_logprobs: torch.Tensor | None, advan
     the old ones (ppo.old_logprobs_from_update, where the policy being trained is the one that sampled)."""
     stats = {}
     with gathered_for_update(models.actor):
-        logits = xp.response_logits(models.actor, r) / cfg.temperature
+        logits = xp.response_logits(models.actor, r, cfg.temperature)
         logprobs = maths.logprobs_from_logits(logits, r.responses)
         if old_logprobs is None:
             old_logprobs = logprobs.detach()
         pg_loss, clipfrac, approx_kl = maths.policy_loss(logprobs, old_logprobs, advantages, r.mask, cfg.clip_range,
                                                          cfg.loss_agg)
-        entropy = maths.masked_mean(maths.entropy_from_logits(logits), r.mask)
-        loss = pg_loss - cfg.entropy_coef * entropy if cfg.entropy_coef else pg_loss
+        if cfg.entropy_coef:
+            entropy = maths.masked_mean(maths.entropy_from_logits(logits), r.mask)
+            loss = pg_loss - cfg.entropy_coef * entropy
+        else:
+            # logged only: outside autograd, its softmax and log-softmax ([b, T, V] each, GiBs at a
+            # 150k vocabulary) are freed now instead of held through the backward pass
+            with torch.no_grad():
+                entropy = maths.masked_mean(maths.entropy_from_logits(logits), r.mask)
+            loss = pg_loss
         if cfg.kl_in == "loss":
             kl_loss = maths.aggregate(maths.kl_estimate(logprobs, ref_logprobs, "k3"), r.mask, cfg.loss_agg)
             loss = loss + kl_coef * kl_loss
