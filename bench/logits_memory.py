@@ -1,14 +1,15 @@
-"""Peak memory and time of one PPO actor update at a real vocabulary, where the logits dwarf the body.
+"""Peak memory and time of PPO's actor update and scoring at a real vocabulary, where logits dwarf the body.
 
 At Qwen2.5's 151,936-token vocabulary one [rows, response tokens, vocab] float32 tensor of logits is
-8 x 256 x 151,936 x 4 bytes = 1.16 GiB; how many such tensors the update holds through its backward
-pass decides its peak memory more than the model does. This runs `stages.ppo.update.actor_update`
-(the stage's own function; the engine is a plain module with AdamW behind the same backward/step
-calls) on a made-up rollout, with a 2-layer Llama body and that vocabulary, in a fresh process per
-repeat, and prints the process's peak resident set above its level just before the update (the
-update's own memory: logits, activations, gradients, AdamW state) and the update's seconds:
+8 x 256 x 151,936 x 4 bytes = 1.16 GiB; how many such tensors a pass holds at once decides its peak
+memory more than the model does. `--phase update` runs the stage's own `stages.ppo.update.actor_update`
+(the engine a plain module with AdamW behind the same backward/step calls); `--phase score` runs
+`stages.ppo.experience.policy_logprobs` (the actor's and the reference's log-probs of the sampled
+tokens). A 2-layer Llama body with that vocabulary, a made-up rollout, a fresh process per repeat; it
+prints the process's peak resident set above its level just before the pass (the pass's own memory:
+logits, activations, gradients, AdamW state) and the pass's seconds:
 
-    python bench/logits_memory.py [--rows 8 --prompt 64 --response 256 --vocab 151936 --repeats 3]
+    python bench/logits_memory.py [--phase update|score --rows 8 --prompt 64 --response 256 --vocab 151936]
 
 Run it on two trees (a `git worktree` of the commit before a change, and after) to measure a change.
 """
@@ -28,13 +29,14 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_update(rows: int, prompt: int, response: int, vocab: int, entropy_coef: float) -> dict[str, float]:
-    """One actor_update in this process: peak RSS above the pre-update level (MiB) and seconds."""
+def one_pass(phase: str, rows: int, prompt: int, response: int, vocab: int, entropy_coef: float) -> dict[str, float]:
+    """One actor_update (phase "update") or one scoring pass of the actor and a reference (phase "score",
+    `policy_logprobs`) in this process: peak RSS above the level just before it (MiB) and seconds."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT))
-    from stages.ppo.experience import Rollout
+    from stages.ppo.experience import Rollout, policy_logprobs
     from stages.ppo.update import actor_update
 
     torch.manual_seed(0)
@@ -63,13 +65,17 @@ def one_update(rows: int, prompt: int, response: int, vocab: int, entropy_coef: 
     cfg = SimpleNamespace(temperature=1.0, clip_range=0.2, loss_agg="token_mean", entropy_coef=entropy_coef,
                           kl_in="reward")
     advantages = torch.randn(rows, response)
+    reference = Engine()  # the same weights serve as the frozen reference: scoring cost is per model
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    actor_update(SimpleNamespace(actor=Engine()), r, None, advantages, cfg, None, 0.0)
+    if phase == "update":
+        actor_update(SimpleNamespace(actor=Engine()), r, None, advantages, cfg, None, 0.0)
+    else:
+        policy_logprobs(SimpleNamespace(actor=Engine(), reference=reference), r, 1.0)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     logits_mib = rows * response * vocab * 4 / 2**20
-    return {"update_peak_mib": peak - before, "seconds": seconds, "logits_tensor_mib": logits_mib}
+    return {"peak_mib": peak - before, "seconds": seconds, "logits_tensor_mib": logits_mib}
 
 
 def main(argv: list[str]) -> None:
@@ -80,24 +86,25 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--entropy-coef", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--phase", choices=("update", "score"), default="update")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: one update, JSON out
     args = parser.parse_args(argv)
-    shape = (args.rows, args.prompt, args.response, args.vocab, args.entropy_coef)
+    shape = (args.phase, args.rows, args.prompt, args.response, args.vocab, args.entropy_coef)
     if args.one:
-        print(json.dumps(one_update(*shape)))
+        print(json.dumps(one_pass(*shape)))
         return
     runs = []
     for _ in range(args.repeats):
-        child = subprocess.run([sys.executable, __file__, "--one", "--rows", str(args.rows), "--prompt", str(args.prompt),
+        child = subprocess.run([sys.executable, __file__, "--one", "--phase", args.phase, "--rows", str(args.rows), "--prompt", str(args.prompt),
                                 "--response", str(args.response), "--vocab", str(args.vocab),
                                 "--entropy-coef", str(args.entropy_coef)], capture_output=True, text=True, check=True)
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    peak = statistics.median(r["update_peak_mib"] for r in runs)
+    peak = statistics.median(r["peak_mib"] for r in runs)
     seconds = statistics.median(r["seconds"] for r in runs)
-    print(json.dumps({"tree": str(ROOT), "rows": args.rows, "prompt": args.prompt, "response": args.response,
+    print(json.dumps({"tree": str(ROOT), "phase": args.phase, "rows": args.rows, "prompt": args.prompt, "response": args.response,
                       "vocab": args.vocab, "entropy_coef": args.entropy_coef,
                       "logits_tensor_mib": round(runs[0]["logits_tensor_mib"], 1),
-                      "update_peak_mib": round(peak, 1), "update_peak_in_logits_tensors": round(peak / runs[0]["logits_tensor_mib"], 2),
+                      "peak_mib": round(peak, 1), "peak_in_logits_tensors": round(peak / runs[0]["logits_tensor_mib"], 2),
                       "seconds": round(seconds, 3), "runs": runs}))
 
 

@@ -80,6 +80,17 @@ def response_logits(model, r: Rollout, temperature: float = 1.0) -> torch.Tensor
     return logits if temperature == 1.0 else logits / temperature
 
 
+@torch.no_grad()
+def response_logprobs(model, r: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of the sampled response tokens under `model` at `temperature`, for scoring: [B, T].
+
+    The log-softmax runs one row at a time, so beside the [B, T, V] logits only one row's exists,
+    not a second [B, T, V] tensor (each is GiBs at a 150k vocabulary); each row's values are the same.
+    """
+    logits = response_logits(model, r, temperature)
+    return torch.cat([logprobs_from_logits(row, tokens) for row, tokens in zip(logits.split(1), r.responses.split(1))])
+
+
 def response_values(value_model, r: Rollout) -> torch.Tensor:
     """Critic values of the state before each response token: [B, T]."""
     ids, attention, positions = sequence_inputs(r)

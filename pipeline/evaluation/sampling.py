@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.generation import encode_prompts, ended_with_eos, left_pad, response_mask, sample, stop_token_ids
-from pipeline.scoring import Rollout, TokenValueModel, last_token_scores, logprobs_from_logits, response_logits
+from pipeline.scoring import Rollout, TokenValueModel, last_token_scores, response_logprobs
 
 
 @torch.no_grad()
@@ -35,7 +35,7 @@ def response_logprob_sums(model, batches: list[Rollout], temperature: float) -> 
     """Sum of the response tokens' log-probs under `model` at the sampling temperature: [N]."""
     sums = []
     for r in batches:
-        logprobs = logprobs_from_logits(response_logits(model, r, temperature), r.responses)
+        logprobs = response_logprobs(model, r, temperature)
         sums.append(torch.where(r.mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(1))
     return torch.cat(sums)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.generation import ended_with_eos, response_mask, sample, stop_token_ids
-from pipeline.scoring import (Rollout, last_token_scores, response_logits, response_values,  # noqa: F401 (re-exported)
-                             sequence_inputs)
+from pipeline.scoring import (Rollout, last_token_scores, response_logits, response_logprobs,  # noqa: F401 (re-exported)
+                             response_values, sequence_inputs)
 from pipeline.zero3 import gathered_module
 from stages.ppo import estimators, maths
 
@@ -99,14 +99,13 @@ def policy_logprobs(models, r: Rollout, temperature: float,
     logprobs = None
     with gathered_module(models.actor) as actor:
         if with_actor:
-            logprobs = maths.logprobs_from_logits(response_logits(actor, r, temperature), r.responses)
+            logprobs = response_logprobs(actor, r, temperature)
         if models.reference is None:  # LoRA actor: its base model with the adapters switched off
             with actor.disable_adapter():
-                ref_logits = response_logits(actor, r, temperature)
+                ref_logprobs = response_logprobs(actor, r, temperature)
     if models.reference is not None:
         with gathered_module(models.reference) as reference:
-            ref_logits = response_logits(reference, r, temperature)
-    ref_logprobs = maths.logprobs_from_logits(ref_logits, r.responses)
+            ref_logprobs = response_logprobs(reference, r, temperature)
     return logprobs, ref_logprobs
 
 

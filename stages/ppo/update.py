@@ -56,15 +56,18 @@ def actor_update(models, r: xp.Rollout, old_logprobs: torch.Tensor | None, advan
             entropy = maths.masked_mean(maths.entropy_from_logits(logits), r.mask)
             loss = pg_loss - cfg.entropy_coef * entropy
         else:
-            # logged only: outside autograd, its softmax and log-softmax ([b, T, V] each, GiBs at a
-            # 150k vocabulary) are freed now instead of held through the backward pass
+            # logged only: outside autograd, so its softmax and log-softmax ([b, T, V] each, GiBs at a
+            # 150k vocabulary) are not held through the backward pass; one row at a time, so their
+            # temporaries are one row's, not another three [b, T, V] tensors at the forward's peak
             with torch.no_grad():
-                entropy = maths.masked_mean(maths.entropy_from_logits(logits), r.mask)
+                entropy = maths.masked_mean(torch.cat([maths.entropy_from_logits(row) for row in logits.split(1)]),
+                                            r.mask)
             loss = pg_loss
         if cfg.kl_in == "loss":
             kl_loss = maths.aggregate(maths.kl_estimate(logprobs, ref_logprobs, "k3"), r.mask, cfg.loss_agg)
             loss = loss + kl_coef * kl_loss
             stats["kl_loss"] = float(kl_loss.detach())
+        del logits  # autograd keeps what it needs; this name alone would hold [b, T+1, V] through the backward
         models.actor.backward(loss)
     models.actor.step()
     return ({"policy_loss": float(pg_loss.detach()), "clipfrac": float(clipfrac), "approx_kl": float(approx_kl),
