@@ -83,7 +83,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from pipeline.evaluation.evaluate import eval_settings, temperature_key
-    from pipeline.evaluation.judges import is_model_judge, load_judge
+    from pipeline.evaluation.judges import build_judge
     from pipeline.evaluation.rundir import held_out_prompts, optimised_reward_model
     from pipeline.evaluation.sampling import RewardModelScorer, generate
     from pipeline.models import load_model, load_tokenizer
@@ -94,9 +94,10 @@ def main(argv: list[str]) -> None:
     prompts = held_out_prompts(cfg, rd, args.num_prompts, args.prompts)
     settings = eval_settings(cfg, len(prompts))
     sft = str(rd.final_dir("sft"))
-    tokenizer, policy = load_tokenizer(sft), load_model(sft).eval()
-    reward = RewardModelScorer(optimised_reward_model(cfg, rd))
-    judge = RewardModelScorer(settings["judge"]) if is_model_judge(settings["judge"]) else load_judge(settings["judge"])
+    trust = settings["trust_remote_code"]
+    tokenizer, policy = load_tokenizer(sft, trust_remote_code=trust), load_model(sft, trust_remote_code=trust).eval()
+    reward = RewardModelScorer(optimised_reward_model(cfg, rd), trust_remote_code=trust)
+    judge = build_judge(settings["judge"], trust_remote_code=trust)
 
     def sample(temperature: float, seed: int) -> list[str]:
         return generate(policy, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"], temperature=temperature,

@@ -95,9 +95,7 @@ def main(argv: list[str]) -> None:
         return
     runs = []
     for _ in range(args.repeats):
-        child = subprocess.run([sys.executable, __file__, "--one", "--phase", args.phase, "--rows", str(args.rows), "--prompt", str(args.prompt),
-                                "--response", str(args.response), "--vocab", str(args.vocab),
-                                "--entropy-coef", str(args.entropy_coef)], capture_output=True, text=True, check=True)
+        child = subprocess.run([sys.executable, __file__, *argv, "--one"], capture_output=True, text=True, check=True)
         runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
     peak = statistics.median(r["peak_mib"] for r in runs)
     seconds = statistics.median(r["seconds"] for r in runs)

@@ -17,7 +17,7 @@ from typing import Any
 from pipeline import movie_reviews
 from pipeline.config import DataSection, PipelineConfig
 from pipeline.evaluation import guards
-from pipeline.evaluation.judges import is_model_judge, load_judge, mean_and_stderr, win_rate
+from pipeline.evaluation.judges import build_judge, mean_and_stderr, win_rate
 from pipeline.schemas import Prompt, answer_text, prompt_text
 
 BASELINE = "sft"
@@ -111,8 +111,7 @@ def evaluate_policies(policies: dict[str, str], *, reference: str, prompts: list
     baseline = settings["baseline"]
     trust = settings.get("trust_remote_code", False)
     tokenizer = load_tokenizer(reference, what="eval reference", trust_remote_code=trust)
-    judge = (RewardModelScorer(settings["judge"], device, trust_remote_code=trust) if is_model_judge(settings["judge"])
-             else load_judge(settings["judge"]))
+    judge = build_judge(settings["judge"], device, trust_remote_code=trust)
     reward_scorer = RewardModelScorer(reward_model, device, trust_remote_code=trust) if reward_model else None
     ref_model = load_model(reference, what="eval reference", trust_remote_code=trust).to(device).eval()
     models = {name: ref_model if Path(path) == Path(reference) else

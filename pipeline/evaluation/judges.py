@@ -64,6 +64,16 @@ def load_judge(spec: str) -> Judge:
     return judge
 
 
+def build_judge(spec: str, device: str = "cpu", trust_remote_code: bool = False) -> Judge:
+    """Any judge `eval.judge` names: a reward-model checkpoint (a gold judge) as a `RewardModelScorer`,
+    else what `load_judge` gives."""
+    if is_model_judge(spec):
+        from pipeline.evaluation.sampling import RewardModelScorer
+
+        return RewardModelScorer(spec, device, trust_remote_code=trust_remote_code)
+    return load_judge(spec)
+
+
 def _same_model(a: Path, b: Path) -> bool:
     """The same checkpoint dir, or one holding byte-identical weights (a copy of it)."""
     if a.resolve() == b.resolve():
