@@ -1,0 +1,150 @@
+"""Reward-model variants on a demo run's SFT policy: what moves held-out pairwise accuracy.
+
+The reward stage trains with TRL's RewardTrainer, which reads the score at the last token. This
+script trains the same pairwise objective, -log sigmoid(r_chosen - r_rejected), in a plain loop so
+that variants TRL does not offer can be measured beside it on the run's own pairs:
+
+    python bench/reward_variants.py RUN_DIR                          # the stage's recipe: last token, 250 x 32
+    python bench/reward_variants.py RUN_DIR --steps 750 --lr 7e-4    # longer
+    python bench/reward_variants.py RUN_DIR --readout mean           # mean of every token's score
+    python bench/reward_variants.py RUN_DIR --token-loss 1.0         # plus each response token's score vs the label
+    python bench/reward_variants.py RUN_DIR --train other/reward_train.jsonl   # more pairs (same held-out pairs)
+
+It starts from RUN_DIR/sft/final with a new one-output head, as the stage does, and prints the
+held-out accuracy on RUN_DIR/data/movie-reviews/reward_eval.jsonl every 50 steps, with the
+bag-of-words probe's accuracy on the same training and held-out pairs (bench/reward_probe.py).
+`--out FILE` writes the curve as JSON. It measures; it changes nothing in the run dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.reward_probe import probe_accuracy  # noqa: E402
+
+WARMUP = 10
+RESPONSE_FROM = 16  # tokens: the token loss skips the instruction and most of the 8-word opening
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) through the chat template, as the reward stage gives them to TRL."""
+    def ids(row: dict, key: str) -> list[int]:
+        turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[key]}]
+        out = tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False)
+        return out["input_ids"] if isinstance(out, dict) else list(out)
+
+    pairs = [(ids(r, "chosen"), ids(r, "rejected")) for r in rows]
+    return [(c, r) for c, r in pairs if len(c) <= max_length and len(r) <= max_length]
+
+
+def token_scores(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position's score (batch, width) and the padding mask, right-padded."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return model.score(hidden)[..., 0], mask
+
+
+def pooled(scores: torch.Tensor, mask: torch.Tensor, readout: str) -> torch.Tensor:
+    if readout == "mean":
+        return (scores * mask).sum(1) / mask.sum(1)
+    return scores[torch.arange(len(scores)), mask.sum(1) - 1]  # last token: what the HF classifier reads
+
+
+def accuracy(model, pairs, pad_id: int, readout: str) -> float:
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for i in range(0, len(pairs), 64):
+            batch = pairs[i : i + 64]
+            s = pooled(*token_scores(model, [c for c, _ in batch] + [r for _, r in batch], pad_id), readout)
+            right += int((s[: len(batch)] > s[len(batch):]).sum())
+    model.train()
+    return right / len(pairs)
+
+
+def main(argv: list[str]) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--train", type=Path, help="reward_train JSONL (default: the run's)")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--readout", choices=("last", "mean"), default="last")
+    p.add_argument("--token-loss", type=float, default=0.0,
+                   help="weight of a per-token loss: every response token's score against the pair's label")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+
+    torch.manual_seed(a.seed)
+    data = a.run_dir / "data" / "movie-reviews"
+    train_rows, eval_rows = read_rows(a.train or data / "reward_train.jsonl"), read_rows(data / "reward_eval.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(a.run_dir / "sft" / "final")
+    model = AutoModelForSequenceClassification.from_pretrained(a.run_dir / "sft" / "final", num_labels=1,
+                                                               pad_token_id=tokenizer.pad_token_id)
+    probe = probe_accuracy(train_rows, eval_rows)  # after the head's random init, which it would move
+    train, held_out = encode(tokenizer, train_rows, a.max_length), encode(tokenizer, eval_rows, a.max_length)
+    pad = tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    # linear warmup then linear decay to zero at the last step, as the stage's default schedule
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: (t + 1) / WARMUP if t < WARMUP else max(0.0, (a.steps - t) / (a.steps - WARMUP)))
+    order_gen = torch.Generator().manual_seed(a.seed)
+    order, at = torch.randperm(len(train), generator=order_gen).tolist(), 0
+    curve, start = [], time.time()
+    print(f"{len(train)} training pairs, {len(held_out)} held out; bag-of-words probe on them: {probe:.4f}", flush=True)
+    for step in range(1, a.steps + 1):
+        if at + a.batch_size > len(order):
+            order, at = torch.randperm(len(train), generator=order_gen).tolist(), 0
+        batch = [train[i] for i in order[at : at + a.batch_size]]
+        at += a.batch_size
+        n = len(batch)
+        scores, mask = token_scores(model, [c for c, _ in batch] + [r for _, r in batch], pad)
+        s = pooled(scores, mask, a.readout)
+        loss = -F.logsigmoid(s[:n] - s[n:]).mean()
+        if a.token_loss:
+            label = torch.cat([torch.ones(n), torch.zeros(n)])[:, None].expand_as(scores)
+            weight = mask.clone().float()
+            weight[:, :RESPONSE_FROM] = 0
+            per_token = F.binary_cross_entropy_with_logits(scores, label, reduction="none")
+            loss = loss + a.token_loss * (per_token * weight).sum() / weight.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == a.steps:
+            acc = accuracy(model, held_out, pad, a.readout)
+            curve.append({"step": step, "loss": loss.item(), "eval_accuracy": acc})
+            print(f"step {step} loss {loss.item():.3f} held-out accuracy {acc:.4f} ({time.time() - start:.0f}s)",
+                  flush=True)
+    result = {"run_dir": str(a.run_dir), "args": {k: str(v) for k, v in vars(a).items()},
+              "train_pairs": len(train), "eval_pairs": len(held_out), "bag_of_words_accuracy": probe,
+              "final_accuracy": curve[-1]["eval_accuracy"], "curve": curve}
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("train_pairs", "bag_of_words_accuracy", "final_accuracy")}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,39 @@
+"""`bench/reward_variants.py`: the readouts and the pair encoding against hand-made numbers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import reward_variants  # noqa: E402
+
+# two right-padded rows: lengths 3 and 2
+SCORES = torch.tensor([[1.0, 2.0, 6.0, 9.0], [4.0, -2.0, 7.0, 7.0]])
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+
+
+def test_last_token_readout_reads_the_last_real_token_as_the_hf_classifier_does():
+    assert reward_variants.pooled(SCORES, MASK, "last").tolist() == [6.0, -2.0]
+
+
+def test_mean_readout_averages_real_tokens_only():
+    assert reward_variants.pooled(SCORES, MASK, "mean").tolist() == pytest.approx([3.0, 1.0])
+
+
+class WordTokenizer:
+    """One id per word of the turns' text, the way a chat template would concatenate them."""
+
+    def apply_chat_template(self, turns, tokenize=True, return_dict=False):
+        return [len(w) for t in turns for w in t["content"].split()]
+
+
+def test_encode_keeps_pairs_whose_both_sides_fit_and_drops_the_rest():
+    rows = [{"prompt": "a b", "chosen": "ccc", "rejected": "dd ee"},        # 3 and 4 tokens
+            {"prompt": "a b", "chosen": "c d e f", "rejected": "g"}]        # 6 and 3: chosen too long
+    assert reward_variants.encode(WordTokenizer(), rows, max_length=4) == [([1, 1, 3], [1, 1, 2, 2])]
