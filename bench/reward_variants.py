@@ -44,8 +44,7 @@ def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int]
     """(chosen ids, rejected ids) through the chat template, as the reward stage gives them to TRL."""
     def ids(row: dict, key: str) -> list[int]:
         turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[key]}]
-        out = tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False)
-        return out["input_ids"] if isinstance(out, dict) else list(out)
+        return list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False))
 
     pairs = [(ids(r, "chosen"), ids(r, "rejected")) for r in rows]
     return [(c, r) for c, r in pairs if len(c) <= max_length and len(r) <= max_length]
@@ -67,15 +66,15 @@ def pooled(scores: torch.Tensor, mask: torch.Tensor, readout: str) -> torch.Tens
 
 
 def accuracy(model, pairs, pad_id: int, readout: str) -> float:
+    """The reward stage's own held-out accuracy (stages.reward.pairwise_metrics) under this readout."""
+    from stages.reward import pairwise_metrics
+
     model.eval()
-    right = 0
     with torch.no_grad():
-        for i in range(0, len(pairs), 64):
-            batch = pairs[i : i + 64]
-            s = pooled(*token_scores(model, [c for c, _ in batch] + [r for _, r in batch], pad_id), readout)
-            right += int((s[: len(batch)] > s[len(batch):]).sum())
+        chosen, rejected = (torch.cat([pooled(*token_scores(model, [p[side] for p in pairs[i : i + 64]], pad_id), readout)
+                                       for i in range(0, len(pairs), 64)]) for side in (0, 1))
     model.train()
-    return right / len(pairs)
+    return pairwise_metrics(chosen, rejected)["eval_accuracy"]
 
 
 def main(argv: list[str]) -> None:
