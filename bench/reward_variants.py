@@ -9,11 +9,18 @@ that variants TRL does not offer can be measured beside it on the run's own pair
     python bench/reward_variants.py RUN_DIR --readout mean           # mean of every token's score
     python bench/reward_variants.py RUN_DIR --token-loss 1.0         # plus each response token's score vs the label
     python bench/reward_variants.py RUN_DIR --train other/reward_train.jsonl   # more pairs (same held-out pairs)
+    python bench/reward_variants.py RUN_DIR --reward-pairs 11500 --select 500  # more review pairs; choose on 500 of them
 
 It starts from RUN_DIR/sft/final with a new one-output head, as the stage does, and prints the
 held-out accuracy on RUN_DIR/data/movie-reviews/reward_eval.jsonl every 50 steps, with the
 bag-of-words probe's accuracy on the same training and held-out pairs (bench/reward_probe.py).
-`--out FILE` writes the curve as JSON. It measures; it changes nothing in the run dir.
+`--select N` holds out the last N review pairs of the training pairs instead (every window of them out
+of training, their first windows as the held-out pairs), so that settings are chosen there and only
+reported on reward_eval (`--select N --report`: the same training, scored on reward_eval).
+`--reward-pairs R` rebuilds the run's movie-reviews recipe with R review pairs (the splits after
+reward_train shrunk to one review; reward_eval does not move). `--init pretrain` starts from the run's
+pretrained model instead of its SFT policy. `--out FILE` writes the curve as JSON. It measures; it
+changes nothing in the run dir.
 """
 
 from __future__ import annotations
@@ -38,6 +45,31 @@ RESPONSE_FROM = 16  # tokens: the token loss skips the instruction and most of t
 
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def select_split(rows: list[dict], window0: int, n: int) -> tuple[list[dict], list[dict]]:
+    """Hold out the last `n` review pairs: (training rows without any window of them, their first windows).
+    The pairs' first windows are the first `window0` rows, later windows follow; a pair's rows share its prompt."""
+    held = {r["prompt"] for r in rows[window0 - n : window0]}
+    return [r for r in rows if r["prompt"] not in held], [r for r in rows[:window0] if r["prompt"] in held]
+
+
+def recipe_rows(data: Path, reward_pairs: int | None) -> tuple[list[dict], list[dict], int]:
+    """(reward_train rows, reward_eval rows, review pairs) of the run's recipe, with `reward_pairs` if given."""
+    import dataclasses
+
+    from pipeline.config import MovieReviewsSection
+    from pipeline.movie_reviews import build_splits
+
+    recipe = json.loads((data / "recipe.json").read_text())["recipe"]
+    train, held_out = read_rows(data / "reward_train.jsonl"), read_rows(data / "reward_eval.jsonl")
+    if reward_pairs is None:
+        return train, held_out, recipe["reward_pairs"]
+    cfg = dataclasses.replace(MovieReviewsSection(**recipe), reward_pairs=reward_pairs, sft_examples=1,
+                              sft_eval_examples=1, eval_text_docs=1)
+    splits = build_splits(cfg)
+    assert splits["reward_eval"] == held_out, "reward_eval must not move with reward_pairs"
+    return splits["reward_train"], held_out, reward_pairs
 
 
 def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -83,6 +115,13 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("--train", type=Path, help="reward_train JSONL (default: the run's)")
+    p.add_argument("--eval", type=Path, help="held-out pairs JSONL (default: the run's reward_eval)")
+    p.add_argument("--reward-pairs", type=int, help="review pairs for training (default: the run's recipe)")
+    p.add_argument("--select", type=int, help="hold out the last N training review pairs as the held-out pairs")
+    p.add_argument("--report", action="store_true",
+                   help="with --select: train without the selection pairs but score reward_eval")
+    p.add_argument("--init", default="sft", choices=("sft", "pretrain"),
+                   help="start from the run's SFT policy (as the stage does) or its pretrained model")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -97,9 +136,16 @@ def main(argv: list[str]) -> None:
 
     torch.manual_seed(a.seed)
     data = a.run_dir / "data" / "movie-reviews"
-    train_rows, eval_rows = read_rows(a.train or data / "reward_train.jsonl"), read_rows(data / "reward_eval.jsonl")
-    tokenizer = AutoTokenizer.from_pretrained(a.run_dir / "sft" / "final")
-    model = AutoModelForSequenceClassification.from_pretrained(a.run_dir / "sft" / "final", num_labels=1,
+    train_rows, eval_rows, pairs = recipe_rows(data, a.reward_pairs)
+    if a.train:
+        train_rows = read_rows(a.train)
+    if a.eval:
+        eval_rows = read_rows(a.eval)
+    if a.select:
+        train_rows, selected = select_split(train_rows, pairs, a.select)
+        eval_rows = eval_rows if a.report else selected
+    tokenizer = AutoTokenizer.from_pretrained(a.run_dir / a.init / "final")
+    model = AutoModelForSequenceClassification.from_pretrained(a.run_dir / a.init / "final", num_labels=1,
                                                                pad_token_id=tokenizer.pad_token_id)
     probe = probe_accuracy(train_rows, eval_rows)  # after the head's random init, which it would move
     train, held_out = encode(tokenizer, train_rows, a.max_length), encode(tokenizer, eval_rows, a.max_length)

@@ -37,3 +37,11 @@ def test_encode_keeps_pairs_whose_both_sides_fit_and_drops_the_rest():
     rows = [{"prompt": "a b", "chosen": "ccc", "rejected": "dd ee"},        # 3 and 4 tokens
             {"prompt": "a b", "chosen": "c d e f", "rejected": "g"}]        # 6 and 3: chosen too long
     assert reward_variants.encode(WordTokenizer(), rows, max_length=4) == [([1, 1, 3], [1, 1, 2, 2])]
+
+
+def test_select_split_holds_out_every_window_of_the_last_pairs_and_scores_their_first():
+    # three review pairs (prompts a, b, c), window 0 of each first, then window 1 of a and c
+    rows = [{"prompt": p, "window": w} for w, ps in ((0, "abc"), (1, "ac")) for p in ps]
+    train, held_out = reward_variants.select_split(rows, window0=3, n=2)
+    assert train == [{"prompt": "a", "window": 0}, {"prompt": "a", "window": 1}]
+    assert held_out == [{"prompt": "b", "window": 0}, {"prompt": "c", "window": 0}]
