@@ -54,22 +54,21 @@ def select_split(rows: list[dict], window0: int, n: int) -> tuple[list[dict], li
     return [r for r in rows if r["prompt"] not in held], [r for r in rows[:window0] if r["prompt"] in held]
 
 
-def recipe_rows(data: Path, reward_pairs: int | None) -> tuple[list[dict], list[dict], int]:
-    """(reward_train rows, reward_eval rows, review pairs) of the run's recipe, with `reward_pairs` if given."""
+def recipe_pairs(data: Path, reward_pairs: int | None) -> tuple[list[dict], int]:
+    """(reward_train rows, review pairs) of the run's recipe, rebuilt with `reward_pairs` if given."""
     import dataclasses
 
     from pipeline.config import MovieReviewsSection
     from pipeline.movie_reviews import build_splits
 
     recipe = json.loads((data / "recipe.json").read_text())["recipe"]
-    train, held_out = read_rows(data / "reward_train.jsonl"), read_rows(data / "reward_eval.jsonl")
     if reward_pairs is None:
-        return train, held_out, recipe["reward_pairs"]
+        return read_rows(data / "reward_train.jsonl"), recipe["reward_pairs"]
     cfg = dataclasses.replace(MovieReviewsSection(**recipe), reward_pairs=reward_pairs, sft_examples=1,
                               sft_eval_examples=1, eval_text_docs=1)
     splits = build_splits(cfg)
-    assert splits["reward_eval"] == held_out, "reward_eval must not move with reward_pairs"
-    return splits["reward_train"], held_out, reward_pairs
+    assert splits["reward_eval"] == read_rows(data / "reward_eval.jsonl"), "reward_eval must not move with reward_pairs"
+    return splits["reward_train"], reward_pairs
 
 
 def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -133,14 +132,18 @@ def main(argv: list[str]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if a.train and (a.select or a.reward_pairs):
+        p.error("--select and --reward-pairs work on the run's recipe, not on a --train file")
+    if a.report and not a.select:
+        p.error("--report goes with --select")
 
     torch.manual_seed(a.seed)
     data = a.run_dir / "data" / "movie-reviews"
-    train_rows, eval_rows, pairs = recipe_rows(data, a.reward_pairs)
+    eval_rows = read_rows(a.eval or data / "reward_eval.jsonl")
     if a.train:
         train_rows = read_rows(a.train)
-    if a.eval:
-        eval_rows = read_rows(a.eval)
+    else:
+        train_rows, pairs = recipe_pairs(data, a.reward_pairs)
     if a.select:
         train_rows, selected = select_split(train_rows, pairs, a.select)
         eval_rows = eval_rows if a.report else selected
