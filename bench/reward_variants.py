@@ -10,6 +10,8 @@ that variants TRL does not offer can be measured beside it on the run's own pair
     python bench/reward_variants.py RUN_DIR --token-loss 1.0         # plus each response token's score vs the label
     python bench/reward_variants.py RUN_DIR --train other/reward_train.jsonl   # more pairs (same held-out pairs)
     python bench/reward_variants.py RUN_DIR --reward-pairs 11500 --select 500  # more review pairs; choose on 500 of them
+    python bench/reward_variants.py RUN_DIR --word-dropout 0.15 --crop-min 16  # responses thinned and cut anew each draw
+    python bench/reward_variants.py RUN_DIR --seed 1 --save DIR      # another seed, kept for an ensemble or best_of_n
 
 It starts from RUN_DIR/sft/final with a new one-output head, as the stage does, and prints the
 held-out accuracy on RUN_DIR/data/movie-reviews/reward_eval.jsonl every 50 steps, with the
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -81,6 +84,24 @@ def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int]
     return [(c, r) for c, r in pairs if len(c) <= max_length and len(r) <= max_length]
 
 
+def within(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """The rows `encode` keeps, in its order."""
+    return [r for r in rows if encode(tokenizer, [r], max_length)]
+
+
+def augmented(row: dict, word_dropout: float, crop_min: int, rng: random.Random) -> dict:
+    """The pair with each response cut to a random run of >= crop_min words and thinned by word dropout."""
+    def thin(text: str) -> str:
+        words = text.split()
+        if crop_min and len(words) > crop_min:
+            size = rng.randint(crop_min, len(words))
+            start = rng.randint(0, len(words) - size)
+            words = words[start : start + size]
+        kept = [w for w in words if rng.random() >= word_dropout]
+        return " ".join(kept or words[:1])
+    return {"prompt": row["prompt"], "chosen": thin(row["chosen"]), "rejected": thin(row["rejected"])}
+
+
 def token_scores(model, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every position's score (batch, width) and the padding mask, right-padded."""
     width = max(map(len, seqs))
@@ -96,16 +117,22 @@ def pooled(scores: torch.Tensor, mask: torch.Tensor, readout: str) -> torch.Tens
     return scores[torch.arange(len(scores)), mask.sum(1) - 1]  # last token: what the HF classifier reads
 
 
-def accuracy(model, pairs, pad_id: int, readout: str) -> float:
-    """The reward stage's own held-out accuracy (stages.reward.pairwise_metrics) under this readout."""
-    from stages.reward import pairwise_metrics
-
+def margins(model, pairs, pad_id: int, readout: str) -> torch.Tensor:
+    """Each held-out pair's score margin, chosen minus rejected."""
     model.eval()
     with torch.no_grad():
         chosen, rejected = (torch.cat([pooled(*token_scores(model, [p[side] for p in pairs[i : i + 64]], pad_id), readout)
                                        for i in range(0, len(pairs), 64)]) for side in (0, 1))
     model.train()
-    return pairwise_metrics(chosen, rejected)["eval_accuracy"]
+    return chosen - rejected
+
+
+def accuracy(model, pairs, pad_id: int, readout: str) -> float:
+    """The reward stage's own held-out accuracy (stages.reward.pairwise_metrics) under this readout."""
+    from stages.reward import pairwise_metrics
+
+    margin = margins(model, pairs, pad_id, readout)
+    return pairwise_metrics(margin, torch.zeros_like(margin))["eval_accuracy"]
 
 
 def main(argv: list[str]) -> None:
@@ -129,8 +156,14 @@ def main(argv: list[str]) -> None:
     p.add_argument("--readout", choices=("last", "mean"), default="last")
     p.add_argument("--token-loss", type=float, default=0.0,
                    help="weight of a per-token loss: every response token's score against the pair's label")
+    p.add_argument("--word-dropout", type=float, default=0.0,
+                   help="drop each response word with this probability, anew each time a pair is drawn")
+    p.add_argument("--crop-min", type=int, default=0,
+                   help="train on a random run of at least this many of each response's words, anew each draw")
+    p.add_argument("--embed-dropout", type=float, default=0.0, help="dropout on the token embeddings in training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
+    p.add_argument("--save", type=Path, help="save the trained reward model (and tokenizer) here")
     a = p.parse_args(argv)
     if a.train and (a.select or a.reward_pairs):
         p.error("--select and --reward-pairs work on the run's recipe, not on a --train file")
@@ -157,6 +190,14 @@ def main(argv: list[str]) -> None:
     # linear warmup then linear decay to zero at the last step, as the stage's default schedule
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: (t + 1) / WARMUP if t < WARMUP else max(0.0, (a.steps - t) / (a.steps - WARMUP)))
+    if a.embed_dropout:
+        model.model.embed_tokens.register_forward_hook(
+            lambda mod, inp, out: F.dropout(out, a.embed_dropout, training=mod.training))
+    augment = a.word_dropout > 0 or a.crop_min > 0
+    if augment:
+        train_rows = within(tokenizer, train_rows, a.max_length)
+        assert len(train_rows) == len(train)
+    word_gen = random.Random(a.seed)
     order_gen = torch.Generator().manual_seed(a.seed)
     order, at = torch.randperm(len(train), generator=order_gen).tolist(), 0
     curve, start = [], time.time()
@@ -164,7 +205,11 @@ def main(argv: list[str]) -> None:
     for step in range(1, a.steps + 1):
         if at + a.batch_size > len(order):
             order, at = torch.randperm(len(train), generator=order_gen).tolist(), 0
-        batch = [train[i] for i in order[at : at + a.batch_size]]
+        if augment:  # the same pairs, their responses cut and thinned anew each time they are drawn
+            batch = encode(tokenizer, [augmented(train_rows[i], a.word_dropout, a.crop_min, word_gen)
+                                       for i in order[at : at + a.batch_size]], a.max_length)
+        else:
+            batch = [train[i] for i in order[at : at + a.batch_size]]
         at += a.batch_size
         n = len(batch)
         scores, mask = token_scores(model, [c for c, _ in batch] + [r for _, r in batch], pad)
@@ -188,7 +233,11 @@ def main(argv: list[str]) -> None:
                   flush=True)
     result = {"run_dir": str(a.run_dir), "args": {k: str(v) for k, v in vars(a).items()},
               "train_pairs": len(train), "eval_pairs": len(held_out), "bag_of_words_accuracy": probe,
-              "final_accuracy": curve[-1]["eval_accuracy"], "curve": curve}
+              "final_accuracy": curve[-1]["eval_accuracy"], "curve": curve,
+              "final_margins": [round(m, 4) for m in margins(model, held_out, pad, a.readout).tolist()]}
+    if a.save:
+        model.save_pretrained(a.save)
+        tokenizer.save_pretrained(a.save)
     if a.out:
         a.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("train_pairs", "bag_of_words_accuracy", "final_accuracy")}))

@@ -53,3 +53,12 @@ def test_frontier_rows_double_n_up_to_the_candidates_and_the_judge_picks_its_own
     # the judge's own pick at n=2: max(0.0, 0.5) = 0.5 and max(1.0, -1.0) = 1.0, both above 0.2
     assert rows[1]["judge_pick"]["win_rate"] == 1.0
     assert rows[0]["rm_pick"]["win_rate"] == rows[0]["judge_pick"]["win_rate"] == 0.5
+
+
+def test_judge_agreement_counts_candidate_pairs_the_picker_orders_as_the_judge_does():
+    # prompt 0: (0,1) and (0,2) agree, (1,2) is a picker tie at 0.3 (half); prompt 1: (0,1), (1,2) agree, (0,2) not
+    assert best_of_n.judge_agreement(RM, JUDGE) == pytest.approx(4.5 / 6)
+    # pairs the judge cannot tell apart are left out: only prompt 1's (0,2) and (1,2) are left, both ordered wrong
+    flat = [[0.0, 1.0], [0.0, 1.0], [0.0, 0.2]]
+    assert best_of_n.judge_agreement(RM, flat) == 0.0
+    assert best_of_n.judge_agreement(JUDGE, JUDGE) == 1.0

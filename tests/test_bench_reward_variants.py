@@ -45,3 +45,37 @@ def test_select_split_holds_out_every_window_of_the_last_pairs_and_scores_their_
     train, held_out = reward_variants.select_split(rows, window0=3, n=2)
     assert train == [{"prompt": "a", "window": 0}, {"prompt": "a", "window": 1}]
     assert held_out == [{"prompt": "b", "window": 0}, {"prompt": "c", "window": 0}]
+
+
+def test_within_keeps_the_rows_encode_keeps_in_its_order():
+    rows = [{"prompt": "a b", "chosen": "c d e f", "rejected": "g"},        # chosen too long
+            {"prompt": "a b", "chosen": "ccc", "rejected": "dd ee"}]
+    assert reward_variants.within(WordTokenizer(), rows, max_length=4) == rows[1:]
+
+
+class FixedRandom:
+    """random.Random's randint and random, answering from lists."""
+
+    def __init__(self, ints, floats):
+        self.ints, self.floats = list(ints), list(floats)
+
+    def randint(self, lo, hi):
+        value = self.ints.pop(0)
+        assert lo <= value <= hi
+        return value
+
+    def random(self):
+        return self.floats.pop(0)
+
+
+def test_augmented_crops_a_run_of_words_then_drops_words_and_keeps_the_prompt():
+    row = {"prompt": "p q", "chosen": "a b c d e", "rejected": "v w x y z"}
+    # chosen: a run of 3 from word 1 ("b c d"), then "c" dropped; rejected: 4 from word 0, nothing dropped
+    rng = FixedRandom([3, 1, 4, 0], [0.5, 0.05, 0.9, 0.5, 0.5, 0.5, 0.5])
+    assert reward_variants.augmented(row, 0.1, 3, rng) == {"prompt": "p q", "chosen": "b d", "rejected": "v w x y"}
+
+
+def test_augmented_keeps_one_word_when_dropout_takes_them_all_and_leaves_short_responses_uncut():
+    row = {"prompt": "p", "chosen": "a b", "rejected": "c d"}
+    assert reward_variants.augmented(row, 1.0, 3, FixedRandom([], [0.0] * 4)) == {"prompt": "p", "chosen": "a",
+                                                                                  "rejected": "c"}

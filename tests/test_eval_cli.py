@@ -340,6 +340,31 @@ def test_best_of_n_bench_runs_on_the_run_dir_and_places_the_ppo_policy_beside_it
     assert "ppo" in result.stdout and "KL <=" in result.stdout
 
 
+def test_best_of_n_bench_lets_more_reward_models_their_mean_and_a_bag_of_words_probe_pick(run_dir, tmp_path):
+    """`--pickers` with the run's own reward model under two names: each, and their mean, pick exactly as the
+    run's reward model does; `--bag-of-words PAIRS` fits the probe on the pairs given and picks too."""
+    (tmp_path / "again").symlink_to(run_dir / "reward" / "final")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": "p", "chosen": c, "rejected": r}) + "\n" for c, r in
+                             [("a great film", "a bad film"), ("great acting", "bad acting")] * 2))
+    out = tmp_path / "bon.json"
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "best_of_n.py"),
+                             str(run_dir), "--n", "4", "--out", str(out),
+                             "--pickers", f"{run_dir / 'reward' / 'final'},{tmp_path / 'again'}",
+                             "--bag-of-words", str(pairs)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for block in json.loads(out.read_text())["temperatures"].values():
+        pickers = block["pickers"]
+        assert list(pickers) == ["run's reward model", "final", "again", "bag-of-words", "mean of final+again"]
+        for name in ("final", "again", "mean of final+again"):
+            assert pickers[name] == pickers["run's reward model"]
+        for name, picker in pickers.items():
+            assert 0.0 <= picker["judge_agreement"] <= 1.0 or picker["judge_agreement"] != picker["judge_agreement"]
+            assert sorted(picker["win_by_n"]) == ["1", "2", "4"]
+            assert picker["win_by_n"]["1"] == block["rows"][0]["rm_pick"]  # one candidate: every picker takes it
+    assert "agreement" in result.stdout
+
+
 def test_metrics_keep_the_last_row_of_a_repeated_step(run_dir):
     metrics = read_metrics(run_dir / "sft" / "metrics.jsonl")
     assert metrics["train/loss"] == [(1, 3.7), (2, 3.4), (3, 2.5), (4, 2.4)]
