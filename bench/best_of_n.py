@@ -12,8 +12,8 @@ and seed match) is printed beside them at each temperature:
     python bench/best_of_n.py RUN_DIR [--prompts movie-reviews:heldout_prompts] [--n 64] [--out FILE.json]
 
 `--pickers DIR,DIR` has more reward models pick from the same candidates, and the mean of their scores;
-`--bag-of-words [PAIRS]` the probe of bench/reward_probe.py fitted on the run's reward_train pairs (or PAIRS). Each picker's
-agreement with the judge on candidate pairs is printed beside its best-of-n wins.
+`--bag-of-words [PAIRS]` the probe of bench/reward_probe.py, fitted on the run's reward_train pairs (or
+PAIRS). Each picker's agreement with the judge on candidate pairs is printed beside its best-of-n wins.
 """
 
 from __future__ import annotations
@@ -123,8 +123,10 @@ def main(argv: list[str]) -> None:
     tokenizer, policy = load_tokenizer(sft, trust_remote_code=trust), load_model(sft, trust_remote_code=trust).eval()
     reward = RewardModelScorer(optimised_reward_model(cfg, rd), trust_remote_code=trust)
     judge = build_judge(settings["judge"], trust_remote_code=trust)
-    others = {Path(d).name: RewardModelScorer(d, trust_remote_code=trust).__call__
-              for d in (args.pickers.split(",") if args.pickers else [])}
+    dirs = args.pickers.split(",") if args.pickers else []
+    names = [Path(d).name for d in dirs]  # a picker is named by its folder, or its whole path when two folders share it
+    others = {(name if names.count(name) == 1 else d): RewardModelScorer(d, trust_remote_code=trust).__call__
+              for name, d in zip(names, dirs)}
     if args.bag_of_words is not None:
         from bench.reward_probe import fit_probe, probe_scores
 
