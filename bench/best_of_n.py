@@ -125,8 +125,9 @@ def main(argv: list[str]) -> None:
     judge = build_judge(settings["judge"], trust_remote_code=trust)
     dirs = args.pickers.split(",") if args.pickers else []
     names = [Path(d).name for d in dirs]  # a picker is named by its folder, or its whole path when two folders share it
-    others = {(name if names.count(name) == 1 else d): RewardModelScorer(d, trust_remote_code=trust).__call__
+    others = {(name if names.count(name) == 1 else d): RewardModelScorer(d, trust_remote_code=trust)
               for name, d in zip(names, dirs)}
+    models = list(others)  # the reward models among the pickers: their mean picks too
     if args.bag_of_words is not None:
         from bench.reward_probe import fit_probe, probe_scores
 
@@ -151,7 +152,6 @@ def main(argv: list[str]) -> None:
             judge_scores.append([float(x) for x in judge(prompts, texts)])
             for name, score in others.items():
                 other_scores[name].append(score(prompts, texts))
-        models = [name for name in others if name != "bag-of-words"]
         if len(models) > 1:
             other_scores["mean of " + "+".join(models)] = [
                 [sum(other_scores[m][k][i] for m in models) / len(models) for i in range(len(prompts))]

@@ -74,19 +74,20 @@ def recipe_pairs(data: Path, reward_pairs: int | None) -> tuple[list[dict], int]
     return splits["reward_train"], reward_pairs
 
 
-def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(chosen ids, rejected ids) through the chat template, as the reward stage gives them to TRL."""
+def encode_rows(tokenizer, rows: list[dict], max_length: int) -> list[tuple[dict, tuple[list[int], list[int]]]]:
+    """(row, (chosen ids, rejected ids)) through the chat template, as the reward stage gives them to TRL, for the
+    rows whose both sides fit max_length."""
     def ids(row: dict, key: str) -> list[int]:
         turns = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[key]}]
         return list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=False))
 
-    pairs = [(ids(r, "chosen"), ids(r, "rejected")) for r in rows]
-    return [(c, r) for c, r in pairs if len(c) <= max_length and len(r) <= max_length]
+    encoded = ((row, (ids(row, "chosen"), ids(row, "rejected"))) for row in rows)
+    return [(row, (c, r)) for row, (c, r) in encoded if len(c) <= max_length and len(r) <= max_length]
 
 
-def within(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """The rows `encode` keeps, in its order."""
-    return [r for r in rows if encode(tokenizer, [r], max_length)]
+def encode(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) of the rows that fit max_length (`encode_rows` without the rows)."""
+    return [pair for _, pair in encode_rows(tokenizer, rows, max_length)]
 
 
 def augmented(row: dict, word_dropout: float, crop_min: int, rng: random.Random) -> dict:
@@ -184,7 +185,9 @@ def main(argv: list[str]) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(a.run_dir / a.init / "final", num_labels=1,
                                                                pad_token_id=tokenizer.pad_token_id)
     probe = probe_accuracy(train_rows, eval_rows)  # after the head's random init, which it would move
-    train, held_out = encode(tokenizer, train_rows, a.max_length), encode(tokenizer, eval_rows, a.max_length)
+    kept = encode_rows(tokenizer, train_rows, a.max_length)
+    train_rows, train = [row for row, _ in kept], [pair for _, pair in kept]  # the rows augmentation redraws from
+    held_out = encode(tokenizer, eval_rows, a.max_length)
     pad = tokenizer.pad_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
     # linear warmup then linear decay to zero at the last step, as the stage's default schedule
@@ -194,9 +197,6 @@ def main(argv: list[str]) -> None:
         model.model.embed_tokens.register_forward_hook(
             lambda mod, inp, out: F.dropout(out, a.embed_dropout, training=mod.training))
     augment = a.word_dropout > 0 or a.crop_min > 0
-    if augment:
-        train_rows = within(tokenizer, train_rows, a.max_length)
-        assert len(train_rows) == len(train)
     word_gen = random.Random(a.seed)
     order_gen = torch.Generator().manual_seed(a.seed)
     order, at = torch.randperm(len(train), generator=order_gen).tolist(), 0

@@ -47,10 +47,11 @@ def test_select_split_holds_out_every_window_of_the_last_pairs_and_scores_their_
     assert held_out == [{"prompt": "b", "window": 0}, {"prompt": "c", "window": 0}]
 
 
-def test_within_keeps_the_rows_encode_keeps_in_its_order():
+def test_encode_rows_keeps_the_rows_encode_keeps_in_its_order_beside_their_ids():
     rows = [{"prompt": "a b", "chosen": "c d e f", "rejected": "g"},        # chosen too long
             {"prompt": "a b", "chosen": "ccc", "rejected": "dd ee"}]
-    assert reward_variants.within(WordTokenizer(), rows, max_length=4) == rows[1:]
+    assert [row for row, _ in reward_variants.encode_rows(WordTokenizer(), rows, max_length=4)] == rows[1:]
+    assert reward_variants.encode_rows(WordTokenizer(), rows, max_length=4) == [(rows[1], ([1, 1, 3], [1, 1, 2, 2]))]
 
 
 class FixedRandom:
