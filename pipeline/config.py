@@ -239,6 +239,9 @@ class PPOSection(Optimisation):
     entropy_coef: float = doc(0.0, "Entropy bonus.")
     whiten_advantages: bool = doc(True, "Whiten advantages per rollout batch.")
     normalize_reward: bool = doc(False, "Normalise scores with running mean/std.")
+    center_reward: bool = doc(False, "Subtract the mean score of the first rollout batch (the starting policy's own "
+                                     "responses) from every score, so reward_clip bounds the gain over that policy, "
+                                     "not the reward model's arbitrary offset.")
     reward_clip: float | None = doc(None, "Clip scores to [-x, x].")
     missing_eos_penalty: float | None = doc(None, "Subtract from the score of responses without EOS.")
     ema_decay: float | None = doc(None, "Keep an EMA of the actor with this decay.")
@@ -294,6 +297,8 @@ class PPOSection(Optimisation):
         check(self.clip_range_value > 0, f"{p}.clip_range_value", f"must be > 0 (got {self.clip_range_value})")
         check(self.critic_lr > 0, f"{p}.critic_lr", "must be > 0")
         check(self.reward_clip is None or self.reward_clip > 0, f"{p}.reward_clip", "must be > 0")
+        check(not (self.center_reward and self.normalize_reward), f"{p}.center_reward",
+              "cannot be combined with normalize_reward (which already subtracts a running mean): choose one")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, f"{p}.ema_decay", "must be in (0, 1)")
 
 

@@ -125,8 +125,8 @@ CASES = [
          "weight_decay"),
     Case("ppo-reads-no-batch-size", "run tiny.yaml --run-dir new ppo.batch_size=8",
          "tiny.yaml: ppo.batch_size: unknown key (did you mean 'minibatch_size'?); valid keys: actor_deepspeed, "
-         "adaptive_kl, advantage_estimator, clip_range, clip_range_value, critic, critic_deepspeed, critic_lr, data, "
-         "deepspeed, ema_decay, enabled, entropy_coef, gamma, grpo_scale_rewards, input, keep_checkpoints, kl_coef, "
+         "adaptive_kl, advantage_estimator, center_reward, clip_range, clip_range_value, critic, critic_deepspeed, critic_lr, "
+         "data, deepspeed, ema_decay, enabled, entropy_coef, gamma, grpo_scale_rewards, input, keep_checkpoints, kl_coef, "
          "kl_estimator, kl_horizon, kl_in, lam, logging_steps, lora, loss_agg, lr, lr_scheduler, max_grad_norm, "
          "max_new_tokens, max_prompt_length, max_steps, min_new_tokens, minibatch_size, missing_eos_penalty, "
          "normalize_reward, ppo_epochs, reward_clip, reward_model, rollout_batch_size, samples_per_prompt, "

@@ -269,3 +269,25 @@ def test_fixed_kl_controller_never_moves_and_round_trips():
     other = FixedKLController(0.9)
     other.load_state_dict(ctl.state_dict())
     assert other.value == 0.05
+
+
+def test_center_reward_subtracts_the_first_batch_mean_once():
+    """ppo.center_reward: the first batch's mean score (after the EOS penalty) is measured once and taken out
+    of every later score; the moments it lives in are what the checkpoint saves."""
+    from types import SimpleNamespace
+
+    from stages.ppo.experience import RunningMoments, shape_scores
+
+    cfg = SimpleNamespace(missing_eos_penalty=1.0, normalize_reward=False, center_reward=True)
+    moments, gather = RunningMoments(), lambda x: x
+    first = SimpleNamespace(ended=torch.tensor([True, True, True, False]))
+    # [1, 3, -1, 1 - 1] has mean 0.75
+    assert_close(shape_scores(torch.tensor([1.0, 3.0, -1.0, 1.0]), first, cfg, moments, gather),
+                 torch.tensor([0.25, 2.25, -1.75, -0.75]))
+    later = SimpleNamespace(ended=torch.tensor([True, True]))
+    assert_close(shape_scores(torch.tensor([2.0, 0.0]), later, cfg, moments, gather), torch.tensor([1.25, -0.75]))
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert_close(shape_scores(torch.tensor([2.0, 0.0]), later, cfg, restored, gather), torch.tensor([1.25, -0.75]))
+    off = SimpleNamespace(missing_eos_penalty=None, normalize_reward=False, center_reward=False)
+    assert_close(shape_scores(torch.tensor([2.0, 0.0]), later, off, RunningMoments(), gather), torch.tensor([2.0, 0.0]))

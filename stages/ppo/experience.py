@@ -136,13 +136,21 @@ class RunningMoments:
 
 
 def shape_scores(raw: torch.Tensor, r: Rollout, cfg, moments: RunningMoments, all_gather) -> torch.Tensor:
-    """Penalise responses without EOS and normalise with running stats (clipping comes in the reward). [B]"""
+    """Penalise responses without EOS, then normalise with running stats or centre on the first batch's mean
+    (clipping comes in the reward). [B]"""
     scores = raw
     if cfg.missing_eos_penalty is not None:
         scores = maths.missing_eos_penalty(scores, r.ended, cfg.missing_eos_penalty)
     if cfg.normalize_reward:
         moments.update(all_gather(scores))  # the whole global batch, so every rank keeps the same stats
         scores = (scores - moments.mean) / (moments.std + 1e-8)
+    elif cfg.center_reward:
+        # A pairwise-trained reward model's scores carry an arbitrary offset that differs from seed to seed;
+        # measured once on the starting policy's own responses (checkpointed with the moments), it is taken
+        # out so that reward_clip means the same gain over that policy on every seed.
+        if moments.count == 0:
+            moments.update(all_gather(scores))
+        scores = scores - moments.mean
     return scores
 
 

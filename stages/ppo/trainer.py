@@ -150,7 +150,7 @@ class LoopState:
     """What the loop carries from step to step beside the engines; every checkpoint holds all of it."""
 
     kl_ctl: maths.KLController
-    moments: xp.RunningMoments  # of the reward model's scores, for ppo.normalize_reward
+    moments: xp.RunningMoments  # of the reward model's scores, for ppo.normalize_reward and center_reward
     ema: EMA | None
 
     @classmethod
