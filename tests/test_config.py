@@ -358,3 +358,9 @@ def test_resolve_rejects_bad_json_and_zero_stage(tmp_path):
         ds_config.resolve({"zero_optimization": {"stage": 4}}, micro_batch=1, grad_accum=1, world_size=1,
                           max_grad_norm=1.0)
     assert "stage" in str(info.value)
+
+
+def test_center_reward_and_normalize_reward_are_one_or_the_other():
+    message = config_error(DEMO, ["ppo.center_reward=true", "ppo.normalize_reward=true"])
+    assert "ppo.center_reward" in message and "normalize_reward" in message
+    assert load_config(DEMO, ["ppo.center_reward=true"]).ppo.center_reward
