@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--select", type=int, help="score the last N training review pairs' first windows instead")
     p.add_argument("--vocab-sizes", default="", help="comma-separated BPE sizes to fit the probe on as well")
     p.add_argument("--tokenizer", type=Path, help="a saved tokenizer's dir to fit the probe on as well")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     cfg = load_config(a.config, a.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         out = movie_reviews.prepare(cfg.movie_reviews, Path(tmp))
