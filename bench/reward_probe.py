@@ -29,7 +29,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline import movie_reviews  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -99,10 +98,10 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = movie_reviews.prepare(cfg.movie_reviews, Path(tmp))
         rows = {s: [json.loads(line) for line in (out / f"{s}.jsonl").read_text().splitlines()]
-                for s in ("reward_train", "reward_eval", "pretrain_train")}
+                for s in ("reward_train", "reward_eval") + (("pretrain_train",) if a.vocab_sizes else ())}
     train, held_out = rows["reward_train"], rows["reward_eval"]
     if a.select:
-        from reward_variants import select_split
+        from bench.reward_variants import select_split
 
         train, held_out = select_split(train, cfg.movie_reviews.reward_pairs, a.select)
     splits: dict[str, Split] = {"words": words}
