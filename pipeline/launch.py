@@ -37,9 +37,27 @@ def free_port() -> int:
 
 
 def has_cuda() -> bool:
+    if not gpu_build():
+        return False
     import torch
 
     return torch.cuda.is_available()
+
+
+def gpu_build() -> bool:
+    """Whether the installed torch was built for CUDA or ROCm, read from its version.py without importing torch.
+
+    Importing torch costs the orchestrator 2-3 s per `rlhf` command on a CPU machine (a CPU wheel says
+    `cuda = None` and `hip = None` there); anything unexpected in the file counts as a GPU build, which
+    then asks torch itself."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    try:
+        text = (Path(spec.origin).parent / "version.py").read_text()
+    except (AttributeError, TypeError, OSError):
+        return True
+    return not all(re.search(rf"^{name}\s*(:[^=]*)?=\s*None\s*$", text, re.M) for name in ("cuda", "hip"))
 
 
 def node_rank() -> int | None:

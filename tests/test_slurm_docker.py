@@ -27,7 +27,7 @@ import pytest
 from pipeline import orchestrator
 from pipeline.config import config_to_yaml, load_config
 from pipeline.errors import UserError
-from pipeline.launch import check_per_node, launcher_command, launcher_env, node_rank
+from pipeline.launch import check_per_node, gpu_build, launcher_command, launcher_env, node_rank
 from tests import test_multinode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +171,40 @@ def test_node_launchers_give_every_process_its_global_rank(stubs, tmp_path):
     for rank, seen in ranks.items():
         assert seen == {"RANK": str(rank), "LOCAL_RANK": str(rank % 8), "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07",
                         "MASTER_PORT": "29500", "CROSS_RANK": str(rank // 8), "CROSS_SIZE": "2", "LOCAL_SIZE": "8"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU or GPU: DS_ACCELERATOR=cpu unless torch can reach a GPU
+
+CPU_WHEEL = "__version__ = '2.13.0+cpu'\ndebug = False\ncuda: Optional[str] = None\nhip: Optional[str] = None\n"
+
+
+@pytest.mark.parametrize("version_py, gpu", [
+    (CPU_WHEEL, False),
+    ("__version__ = '2.13.0'\ncuda = None\nhip = None\nxpu = '2025.1'\n", False),
+    (CPU_WHEEL.replace("cuda: Optional[str] = None", "cuda: Optional[str] = '12.8'"), True),
+    (CPU_WHEEL.replace("hip: Optional[str] = None", "hip: Optional[str] = '6.4.4'"), True),
+    ("__version__ = '9.0'\n", True),  # a layout we do not know: torch itself decides
+    (None, True),  # no version.py
+], ids=["cpu-wheel", "xpu-wheel", "cuda-wheel", "rocm-wheel", "unknown-layout", "no-version-file"])
+def test_a_torch_built_without_cuda_or_rocm_is_known_without_importing_it(version_py, gpu, tmp_path, monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    (tmp_path / "torch").mkdir()
+    if version_py is not None:
+        (tmp_path / "torch" / "version.py").write_text(version_py)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(tmp_path / "torch" / "__init__.py")))
+    assert gpu_build() is gpu
+
+
+def test_the_installed_torch_is_read_as_torch_itself_says(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    assert gpu_build() is (torch.version.cuda is not None or torch.version.hip is not None)
+    env = launcher_env(load_config(ROOT / "tests" / "configs" / "tiny.yaml").stage_deepspeed("sft"))
+    assert (env.get("DS_ACCELERATOR") == "cpu") is not torch.cuda.is_available()
 
 
 # ---------------------------------------------------------------------------------------------------------------
