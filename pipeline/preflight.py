@@ -111,6 +111,34 @@ def check_reward_head(path: Path, key: str) -> None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def quick_tokenizer_size(tokenizer_dir: Path) -> int | None:
+    """What len(AutoTokenizer.from_pretrained(dir)) gives a fast tokenizer, read with the `tokenizers` library:
+    tokenizer.json's tokens and added tokens, the ids tokenizer_config.json adds, and one more for each special
+    token it names that the vocabulary lacks (transformers adds those). None without a tokenizer.json."""
+    path = tokenizer_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(path))
+    except Exception:  # noqa: BLE001 - the exact count decides
+        return None
+    size = backend.get_vocab_size(with_added_tokens=True)
+    config = read_json(tokenizer_dir / "tokenizer_config.json")
+    config = config if isinstance(config, dict) else {}
+    added = config.get("added_tokens_decoder")
+    named = list(added.values()) if isinstance(added, dict) else []
+    named += [config.get(key) for key in SPECIAL_TOKEN_KEYS]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        named += config.get(key) if isinstance(config.get(key), list) else []
+    contents = {t.get("content") if isinstance(t, dict) else t for t in named}
+    return size + sum(1 for t in contents if isinstance(t, str) and t and backend.token_to_id(t) is None)
+
+
 def check_tokenizer_fits(model_dir: Path, tokenizer_dir: Path, key: str) -> None:
     """A tokenizer with ids the model cannot embed would fail at the first batch, after the launch: say
     so now, from the model's config.json and the tokenizer alone (no weights are read)."""
@@ -120,6 +148,9 @@ def check_tokenizer_fits(model_dir: Path, tokenizer_dir: Path, key: str) -> None
     vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     if not vocab or not any((tokenizer_dir / name).exists() for name in TOKENIZER_FILES):
         return
+    quick = quick_tokenizer_size(tokenizer_dir)
+    if quick is not None and quick <= vocab:
+        return  # it fits; only a refusal needs the exact count below (transformers' import alone takes 3-5 s)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 

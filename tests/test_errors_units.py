@@ -106,3 +106,52 @@ def test_the_last_step_is_always_logged_so_its_loss_is_checked_and_reported():
     for step, save, logged in ((19, False, False), (10, True, True), (20, False, True)):
         control = SimpleNamespace(should_save=save, should_log=False)
         guard.on_step_end(None, SimpleNamespace(global_step=step, max_steps=20), control)
+
+
+def quick_cases(tmp_path: Path) -> dict[str, Path]:
+    """Tokenizer folders whose size the preflight reads without transformers: each family's stand-in, one with
+    tokens added, and ones whose tokenizer_config.json names special tokens the vocabulary lacks."""
+    from tests.standins import FAMILIES, make_tokenizer
+
+    folders = {}
+    for family in FAMILIES:
+        make_tokenizer(family).save_pretrained(folders.setdefault(family, tmp_path / family))
+    tok = make_tokenizer("llama")
+    tok.add_tokens(["<tool>", "<think>"])
+    tok.add_special_tokens({"additional_special_tokens": ["<extra_0>"]})
+    tok.save_pretrained(folders.setdefault("added", tmp_path / "added"))
+    for name, changes in {"new-pad": {"pad_token": "<pad_new>"},
+                          "new-extras": {"extra_special_tokens": ["<x1>", "<x2>", "<|eot_id|>"]},
+                          "known-pad": {"pad_token": "<|eot_id|>"}}.items():
+        folder = tmp_path / name
+        make_tokenizer("llama").save_pretrained(folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, **changes}))
+        folders[name] = folder
+    return folders
+
+
+def test_the_preflight_counts_a_tokenizer_as_transformers_does(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.preflight import quick_tokenizer_size
+
+    sizes = {name: (quick_tokenizer_size(folder), len(AutoTokenizer.from_pretrained(folder)))
+             for name, folder in quick_cases(tmp_path).items()}
+    assert all(quick == exact for quick, exact in sizes.values()), sizes
+    assert sizes["added"][0] == sizes["llama"][0] + 3 and sizes["new-pad"][0] == sizes["llama"][0] + 1
+    assert sizes["new-extras"][0] == sizes["llama"][0] + 2 and sizes["known-pad"][0] == sizes["llama"][0]
+    assert quick_tokenizer_size(tmp_path) is None  # no tokenizer.json: the exact count decides
+
+
+def test_a_tokenizer_that_fits_is_checked_without_importing_transformers(tmp_path):
+    import subprocess
+
+    folder = quick_cases(tmp_path)["qwen2"]
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 512}))
+    code = ("import sys; from pathlib import Path; from pipeline.preflight import check_tokenizer_fits; "
+            f"check_tokenizer_fits(Path({str(folder)!r}), Path({str(folder)!r}), 'sft.input'); "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False", out.stderr
