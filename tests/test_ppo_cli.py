@@ -1,7 +1,9 @@
 """The PPO stage on a tiny Llama through the real CLI: on one rank (trains, saves, evaluates; prompts cut to
-max_prompt_length are counted), on two ZeRO-3 ranks (bit-for-bit reproducible), with a LoRA actor merged into
-a full model, and resumed after a SIGKILL to exactly the uninterrupted run's weights and metrics. The setup
-(fixture `tiny`, `write_config`, the `rlhf run` helpers) is tests/test_ppo_stage.py's.
+max_prompt_length are counted) and with a LoRA actor merged into a full model. The setup (fixture `tiny`,
+`write_config`, the `rlhf run` helpers) is tests/test_ppo_stage.py's. Resuming after a SIGKILL to exactly the
+uninterrupted run's weights and metrics, on one rank and on two ZeRO-3 ranks (so two ZeRO-3 ranks are
+bit-for-bit reproducible, and save whole weights), is tests/test_resume_ppo.py's; continuing the same W&B run
+after one is tests/test_tracking.py's.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import kill_at_checkpoint
-from tests.test_ppo_stage import (LORA, RUN_TIMEOUT_S, assert_same_weights, cli_env, final_weights, metric_rows,
-                                  rlhf_command, rlhf_run, tiny, without_time, write_config)  # noqa: F401 (fixture)
+from tests.test_ppo_stage import LORA, rlhf_run, tiny, write_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # launches the CLI or DeepSpeed ranks: not in the fast tier
 
@@ -28,7 +28,7 @@ PROMPT_CUT = 40  # ppo.max_prompt_length of the 1-rank run: cuts some of its pro
 
 @pytest.fixture(scope="module")
 def one_rank_run(tiny, tmp_path_factory) -> tuple[Path, Path]:
-    """The uninterrupted 1-rank run: (config, run dir). Shared by the CLI test and the resume test."""
+    """The 1-rank run: (config, run dir), read by the two tests below."""
     root = tmp_path_factory.mktemp("one_rank")
     config = write_config(root / "ppo.yaml", tiny, max_prompt_length=PROMPT_CUT)
     run_dir = root / "run_a"
@@ -84,26 +84,7 @@ def test_prompts_cut_to_max_prompt_length_are_counted_in_a_warning(tiny, one_ran
             f"({PROMPT_CUT} tokens") in log
 
 
-# 2. two ranks under ZeRO-3: bit-for-bit reproducible
-
-
-def test_two_ranks_zero3_is_deterministic(tiny, tmp_path):
-    config = write_config(tmp_path / "ppo.yaml", tiny, deepspeed={"config": "zero3", "num_gpus": 2},
-                          eval_enabled=False, max_steps=2, save_steps=None)
-    first, second = tmp_path / "first", tmp_path / "second"
-    rlhf_run(config, first)
-    rlhf_run(config, second)
-    assert json.loads((first / "ppo" / "final" / "manifest.json").read_text())["world_size"] == 2
-    weights = final_weights(first)
-    shapes = {k: v.shape for k, v in tiny.policy.state_dict().items()}
-    assert {k: v.shape for k, v in weights.items()} == {k: shapes[k] for k in weights}  # gathered, not shards
-    assert_same_weights(weights, final_weights(second))
-    rows_first, rows_second = metric_rows(first), metric_rows(second)
-    assert sorted(rows_first) == [1, 2]
-    assert [without_time(rows_first[s]) for s in (1, 2)] == [without_time(rows_second[s]) for s in (1, 2)]
-
-
-# 3. a LoRA actor
+# 2. a LoRA actor
 
 
 def test_lora_actor_merges_into_a_full_model(tiny, tmp_path):
@@ -120,22 +101,3 @@ def test_lora_actor_merges_into_a_full_model(tiny, tmp_path):
     assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in base.items()}
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
-
-
-# 4. resumed after SIGKILL
-
-
-def test_resume_after_kill_matches_the_uninterrupted_run(one_rank_run, tmp_path):
-    config, run_a = one_rank_run
-    run_b = tmp_path / "run_b"
-    no_eval = "eval.enabled=false"  # the judge runs after the actor is saved: it cannot change what is compared
-    kill_at_checkpoint(rlhf_command(config, run_b, no_eval), run_b / "ppo" / "checkpoint-2", tmp_path / "killed.log",
-                       cli_env(), RUN_TIMEOUT_S)
-
-    out = rlhf_run(config, run_b, no_eval)
-    assert f"resumed from {run_b / 'ppo' / 'checkpoint-2'} at step 2" in out, out[-4000:]
-    assert_same_weights(final_weights(run_a), final_weights(run_b))
-    rows_a, rows_b = metric_rows(run_a), metric_rows(run_b)
-    assert sorted(rows_b) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):  # 1-2 from the killed run, 3-4 from the resumed one
-        assert without_time(rows_b[step]) == without_time(rows_a[step]), f"step {step}"

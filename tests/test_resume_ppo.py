@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from tests.conftest import TINY
 from tests.test_resume import (ZERO3_TWO_RANKS, assert_same_result, crash_while_writing, kill_after_checkpoint,
@@ -62,3 +63,5 @@ def test_ppo_on_two_zero3_ranks_resumes_after_a_kill_and_a_crash_mid_checkpoint(
     out = run_ok(config, run_dir, *args)
     assert f"[ppo] resumed from {run_dir / 'ppo' / 'checkpoint-1'} at step 1" in out, out
     assert_same_result(reference, run_dir, "ppo", steps=3)
+    final, start = (load_file(d / "final" / "model.safetensors") for d in (run_dir / "ppo", pretrained / "pretrain"))
+    assert {k: v.shape for k, v in final.items()} == {k: start[k].shape for k in final}  # gathered, not a rank's shard

@@ -1,5 +1,5 @@
-"""The SFT and reward stages: end to end through the real `rlhf` CLI on the tiny config (one rank, and
-two ZeRO-3 ranks), the LoRA merge against base + adapter, the reward metrics against hand-computed
+"""The SFT and reward stages: end to end through the real `rlhf` CLI on the tiny config (one rank, and a LoRA
+reward model on two ZeRO-3 ranks), the LoRA merge against base + adapter, the reward metrics against hand-computed
 numbers, and bad data stopping a stage before training with the file, row and field named.
 
 One pretraining run is shared by the module (fixture `pretrained`); every other run gets its own
@@ -92,36 +92,22 @@ def test_pretrain_sft_reward_on_one_rank(pretrained, tmp_path):
     assert scorer.config.num_labels == 1 and scorer.config.pad_token_id is not None
 
 
-def test_sft_on_two_zero3_ranks(pretrained, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    run_dir = with_pretrain(pretrained, tmp_path / "run")
-    run_ok(run_dir, "sft", *ZERO3_TWO_RANKS)
-    sft = manifest(run_dir, "sft")
-    assert sft["world_size"] == 2 and math.isfinite(sft["metrics"]["eval_loss"])
-    # the consolidated (gathered) weights, not ZeRO shards
-    policy = AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "final")
-    base = AutoModelForCausalLM.from_pretrained(pretrained / "pretrain" / "final")
-    assert policy.num_parameters() == base.num_parameters()
-
-
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_reward_on_two_zero3_ranks(pretrained, tmp_path, lora):
-    """Full fine-tuning, and LoRA whose adapters and score head are merged on rank 0 after training."""
+def test_lora_reward_on_two_zero3_ranks_is_merged_on_rank_0(pretrained, tmp_path):
+    """LoRA's adapters and score head, trained on two ZeRO-3 ranks, merged on rank 0 after training. (Full
+    SFT and reward training on two ZeRO-3 ranks is tests/test_sharding.py's, weights against one rank's.)"""
     from transformers import AutoModelForSequenceClassification
 
     run_dir = tmp_path / "run"
-    overrides = [f"reward.input={pretrained / 'pretrain' / 'final'}", *ZERO3_TWO_RANKS]
-    run_ok(run_dir, "reward", *overrides, *(["reward.lora={r: 4}"] if lora else []))
+    run_ok(run_dir, "reward", f"reward.input={pretrained / 'pretrain' / 'final'}", *ZERO3_TWO_RANKS,
+           "reward.lora={r: 4}")
     reward = manifest(run_dir, "reward")
     assert reward["world_size"] == 2
     assert {"eval_accuracy", "eval_margin", "eval_loss"} <= set(reward["metrics"])
     scorer = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward" / "final")
     assert scorer.config.num_labels == 1
     assert not any("lora" in name for name, _ in scorer.named_parameters())
-    if lora:
-        assert reward["lora"]["merged"] is True
-        assert (run_dir / "reward" / "final" / "adapter" / "adapter_model.safetensors").exists()
+    assert reward["lora"]["merged"] is True
+    assert (run_dir / "reward" / "final" / "adapter" / "adapter_model.safetensors").exists()
 
 
 # bad data stops the stage before training

@@ -181,6 +181,20 @@ def test_two_ranks_train_the_same_weights_as_one(one_rank, request, zero, stage)
         assert moved > 50 * WEIGHT_ATOL, f"{stage}: training moved the weights by only {moved:.2e}"
 
 
+def test_two_rank_stages_evaluate_and_save_loadable_models(zero3):
+    """What the stages report and save under ZeRO-3 on two ranks: evaluation metrics, and models that
+    `from_pretrained` loads whole (the weights themselves are compared with one rank's above)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    sft, reward = manifest(zero3, "sft"), manifest(zero3, "reward")
+    assert sft["world_size"] == reward["world_size"] == 2
+    assert torch.isfinite(torch.tensor(sft["metrics"]["eval_loss"]))
+    assert {"eval_accuracy", "eval_margin", "eval_loss"} <= set(reward["metrics"])
+    pretrained, policy = (AutoModelForCausalLM.from_pretrained(zero3 / s / "final") for s in ("pretrain", "sft"))
+    assert policy.num_parameters() == pretrained.num_parameters() > 0
+    assert AutoModelForSequenceClassification.from_pretrained(zero3 / "reward" / "final").config.num_labels == 1
+
+
 def test_status_shows_what_each_rank_holds(zero3):
     out = rlhf("status", zero3)
     assert "sharding: 2 rank(s): model ZeRO-3 params/rank" in out, out
