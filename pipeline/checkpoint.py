@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
+import math
 import os
 import re
 import shutil
@@ -180,6 +181,19 @@ def complete_checkpoints(stage_dir: str | Path) -> list[Path]:
     found = [p for p in Path(stage_dir).glob("checkpoint-*")
              if re.fullmatch(r"checkpoint-\d+", p.name) and any((p / m).exists() for m in CHECKPOINT_MARKERS)]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def check_finite(stage: str, values: dict[str, Any], step: int, stage_dir: Path) -> None:
+    """Stop on the first NaN/inf among `values` (None: not measured), naming the step and the last good
+    checkpoint (kept as is). Every stage's guard, the PPO loop's too (here, not beside the Trainer callbacks:
+    the PPO ranks and their value process need not import the Trainer, and peft with it, 3-4 s each)."""
+    from pipeline.errors import UserError
+
+    for key, value in values.items():
+        if value is not None and not math.isfinite(value):
+            good = complete_checkpoints(stage_dir)
+            raise UserError(f"{stage}: {key} is not finite at step {step} ({value}); last good checkpoint: "
+                            f"{good[-1] if good else 'none (nothing saved yet)'}")
 
 
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any] | None:

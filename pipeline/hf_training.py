@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import ds_config
-from pipeline.checkpoint import (check_resumable, complete_checkpoints, fault_point, open_checkpoint, read_json,
-                                 resume_point, seal_checkpoint)
+from pipeline.checkpoint import (check_finite, check_resumable, fault_point, open_checkpoint, read_json, resume_point,
+                                 seal_checkpoint)
 from pipeline.config import TrainLoop
-from pipeline.errors import UserError
 from pipeline.context import StageContext
 from pipeline.tracking import MetricsFile, NullTracker
 from pipeline.worker import barrier
@@ -143,16 +142,6 @@ class CompleteCheckpoints(TrainerCallback):
 
     def _path(self, state) -> Path:
         return self.ctx.output_dir / f"checkpoint-{state.global_step}"
-
-
-def check_finite(stage: str, values: dict[str, Any], step: int, stage_dir: Path) -> None:
-    """Stop on the first NaN/inf among `values` (None: not measured), naming the step and the last good
-    checkpoint (kept as is). Every stage's guard, the PPO loop's too."""
-    for key, value in values.items():
-        if value is not None and not math.isfinite(value):
-            good = complete_checkpoints(stage_dir)
-            raise UserError(f"{stage}: {key} is not finite at step {step} ({value}); last good checkpoint: "
-                            f"{good[-1] if good else 'none (nothing saved yet)'}")
 
 
 class FiniteLossGuard(TrainerCallback):

@@ -27,12 +27,11 @@ import torch
 import torch.distributed as dist
 
 from pipeline import ds_config, sharding
-from pipeline.checkpoint import resume_point
+from pipeline.checkpoint import check_finite, resume_point
 from pipeline.context import StageContext
 from pipeline.data import load_stage_rows
 from pipeline.errors import UserError
 from pipeline.generation import encode_prompts, left_pad
-from pipeline.hf_training import check_finite
 from pipeline.schemas import Prompt, prompt_text
 from pipeline.models import load_tokenizer
 from pipeline.rundir import semantic_stage_config
