@@ -13,6 +13,22 @@ from pathlib import Path
 
 import pytest
 
+
+def _bind_library_log_handlers() -> None:
+    """datasets and transformers give their loggers a handler on the sys.stderr of the moment they are first
+    imported or used. When that moment falls in a test using `capsys`, the handler keeps that test's capture
+    stream, which is closed after it, and every later log line of theirs prints "--- Logging error ---" and a
+    traceback into whichever test runs next in the worker (seen: tests/test_errors.py's refusals failing on
+    "Traceback" after tests/test_errors_units.py). Bound here, at conftest import, they keep pytest's own
+    session-long capture."""
+    import datasets  # noqa: F401 - configures its handler at import
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_verbosity()  # configures transformers' handler
+
+
+_bind_library_log_handlers()
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 _SCRIPT = Path(sys.executable).with_name("rlhf")
