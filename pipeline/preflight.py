@@ -116,8 +116,8 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_t
 
 def quick_tokenizer_size(tokenizer_dir: Path) -> int | None:
     """What len(AutoTokenizer.from_pretrained(dir)) gives a fast tokenizer, read with the `tokenizers` library:
-    tokenizer.json's tokens and added tokens, the ids tokenizer_config.json adds, and one more for each special
-    token it names that the vocabulary lacks (transformers adds those). None without a tokenizer.json."""
+    tokenizer.json's tokens and added tokens, plus one for each token tokenizer_config.json lists (its added
+    tokens, the special tokens it names) that they lack, as transformers adds those. None without a tokenizer.json."""
     path = tokenizer_dir / "tokenizer.json"
     if not path.is_file():
         return None
@@ -133,8 +133,9 @@ def quick_tokenizer_size(tokenizer_dir: Path) -> int | None:
     added = config.get("added_tokens_decoder")
     named = list(added.values()) if isinstance(added, dict) else []
     named += [config.get(key) for key in SPECIAL_TOKEN_KEYS]
-    for key in ("additional_special_tokens", "extra_special_tokens"):
-        named += config.get(key) if isinstance(config.get(key), list) else []
+    for key in ("additional_special_tokens", "extra_special_tokens"):  # a list, or by name
+        extra = config.get(key)
+        named += list(extra.values()) if isinstance(extra, dict) else extra if isinstance(extra, list) else []
     contents = {t.get("content") if isinstance(t, dict) else t for t in named}
     return size + sum(1 for t in contents if isinstance(t, str) and t and backend.token_to_id(t) is None)
 

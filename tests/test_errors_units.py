@@ -122,6 +122,7 @@ def quick_cases(tmp_path: Path) -> dict[str, Path]:
     tok.save_pretrained(folders.setdefault("added", tmp_path / "added"))
     for name, changes in {"new-pad": {"pad_token": "<pad_new>"},
                           "new-extras": {"extra_special_tokens": ["<x1>", "<x2>", "<|eot_id|>"]},
+                          "extras-by-name": {"extra_special_tokens": {"tool_token": "<tool_x>"}},
                           "known-pad": {"pad_token": "<|eot_id|>"}}.items():
         folder = tmp_path / name
         make_tokenizer("llama").save_pretrained(folder)
@@ -141,6 +142,7 @@ def test_the_preflight_counts_a_tokenizer_as_transformers_does(tmp_path):
     assert all(quick == exact for quick, exact in sizes.values()), sizes
     assert sizes["added"][0] == sizes["llama"][0] + 3 and sizes["new-pad"][0] == sizes["llama"][0] + 1
     assert sizes["new-extras"][0] == sizes["llama"][0] + 2 and sizes["known-pad"][0] == sizes["llama"][0]
+    assert sizes["extras-by-name"][0] == sizes["llama"][0] + 1
     assert quick_tokenizer_size(tmp_path) is None  # no tokenizer.json: the exact count decides
 
 
