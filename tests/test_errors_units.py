@@ -149,7 +149,10 @@ def test_the_preflight_counts_a_tokenizer_as_transformers_does(tmp_path):
 def test_a_tokenizer_that_fits_is_checked_without_importing_transformers(tmp_path):
     import subprocess
 
-    folder = quick_cases(tmp_path)["qwen2"]
+    from tests.standins import make_tokenizer
+
+    folder = tmp_path / "qwen2"
+    make_tokenizer("qwen2").save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "vocab_size": 512}))
     code = ("import sys; from pathlib import Path; from pipeline.preflight import check_tokenizer_fits; "
             f"check_tokenizer_fits(Path({str(folder)!r}), Path({str(folder)!r}), 'sft.input'); "
