@@ -12,6 +12,7 @@ that variants TRL does not offer can be measured beside it on the run's own pair
     python bench/reward_variants.py RUN_DIR --reward-pairs 11500 --select 500  # more review pairs; choose on 500 of them
     python bench/reward_variants.py RUN_DIR --word-dropout 0.15 --crop-min 16  # responses thinned and cut anew each draw
     python bench/reward_variants.py RUN_DIR --seed 1 --save DIR      # another seed, kept for an ensemble or best_of_n
+    python bench/reward_variants.py RUN_DIR --select 500 --short-pairs 12     # plus pairs of short labelled reviews
 
 It starts from RUN_DIR/sft/final with a new one-output head, as the stage does, and prints the
 held-out accuracy on RUN_DIR/data/movie-reviews/reward_eval.jsonl every 50 steps, with the
@@ -21,7 +22,10 @@ of training, their first windows as the held-out pairs), so that settings are ch
 reported on reward_eval (`--select N --report`: the same training, scored on reward_eval).
 `--reward-pairs R` rebuilds the run's movie-reviews recipe with R review pairs (the splits after
 reward_train shrunk to one review; reward_eval does not move). `--init pretrain` starts from the run's
-pretrained model instead of its SFT policy. `--out FILE` writes the curve as JSON. It measures; it
+pretrained model instead of its SFT policy. `--short-pairs W` adds a pair for each positive and negative
+review of fewer than the recipe's min_words words but at least W (Rotten Tomatoes' one-sentence reviews,
+which the demo only pretrains on), split as the recipe splits a review: its first prompt_words words open
+the prompt, the rest is the response. `--out FILE` writes the curve as JSON. It measures; it
 changes nothing in the run dir.
 """
 
@@ -72,6 +76,22 @@ def recipe_pairs(data: Path, reward_pairs: int | None) -> tuple[list[dict], int]
     splits = build_splits(cfg)
     assert splits["reward_eval"] == read_rows(data / "reward_eval.jsonl"), "reward_eval must not move with reward_pairs"
     return splits["reward_train"], reward_pairs
+
+
+def short_review_pairs(reviews, recipe: dict, min_words: int, exclude: set[str], seed: int = 0) -> list[dict]:
+    """Preference pairs from the short labelled reviews (fewer than recipe["min_words"] words, at least `min_words`)
+    that are not in `exclude`: chosen the rest of a positive one after its opening, rejected a negative one's,
+    the prompt from the positive review on even pairs and from the negative one on odd, as the recipe pairs."""
+    short = [r for r in reviews if min_words <= len(r.text.split()) < recipe["min_words"] and r.text not in exclude]
+    random.Random(seed).shuffle(short)
+    positive, negative = [r for r in short if r.label == 1], [r for r in short if r.label == 0]
+    n, rows = recipe["prompt_words"], []
+    for i, (p, q) in enumerate(zip(positive, negative)):
+        p_words, q_words = p.text.split(), q.text.split()
+        opening = " ".join((p_words if i % 2 == 0 else q_words)[:n])
+        rows.append({"prompt": f"{recipe['instruction']} {opening}", "chosen": " ".join(p_words[n:]),
+                     "rejected": " ".join(q_words[n:])})
+    return rows
 
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int) -> list[tuple[dict, tuple[list[int], list[int]]]]:
@@ -161,6 +181,8 @@ def main(argv: list[str]) -> None:
                    help="drop each response word with this probability, anew each time a pair is drawn")
     p.add_argument("--crop-min", type=int, default=0,
                    help="train on a random run of at least this many of each response's words, anew each draw")
+    p.add_argument("--short-pairs", type=int, metavar="W",
+                   help="add pairs of the short labelled reviews of at least W words (not the run's held-out text)")
     p.add_argument("--embed-dropout", type=float, default=0.0, help="dropout on the token embeddings in training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
@@ -181,6 +203,12 @@ def main(argv: list[str]) -> None:
     if a.select:
         train_rows, selected = select_split(train_rows, pairs, a.select)
         eval_rows = eval_rows if a.report else selected
+    if a.short_pairs:
+        from pipeline.movie_reviews import load_reviews
+
+        held_text = {row["text"] for row in read_rows(data / "pretrain_eval.jsonl")}
+        recipe = json.loads((data / "recipe.json").read_text())["recipe"]
+        train_rows = train_rows + short_review_pairs(load_reviews(), recipe, a.short_pairs, held_text)
     tokenizer = AutoTokenizer.from_pretrained(a.run_dir / a.init / "final")
     model = AutoModelForSequenceClassification.from_pretrained(a.run_dir / a.init / "final", num_labels=1,
                                                                pad_token_id=tokenizer.pad_token_id)

@@ -80,3 +80,24 @@ def test_augmented_keeps_one_word_when_dropout_takes_them_all_and_leaves_short_r
     row = {"prompt": "p", "chosen": "a b", "rejected": "c d"}
     assert reward_variants.augmented(row, 1.0, 3, FixedRandom([], [0.0] * 4)) == {"prompt": "p", "chosen": "a",
                                                                                   "rejected": "c"}
+
+
+def test_short_review_pairs_pair_short_positive_with_negative_reviews_split_after_the_opening():
+    from pipeline.movie_reviews import Review
+
+    recipe = {"min_words": 6, "prompt_words": 2, "instruction": "Go:"}
+    reviews = [Review("good fun film all round", 1, "rt"), Review("dull slow film no", 0, "rt"),
+               Review("a b c d e f g", 1, "imdb"),            # 7 words: long, not short
+               Review("too short", 0, "rt"),                  # under min_words=3
+               Review("held out bad film", 0, "rt"),          # in exclude
+               Review("great cast great script", 1, "rt"), Review("weak plot bad end", 0, "rt")]
+    rows = reward_variants.short_review_pairs(reviews, recipe, min_words=3, exclude={"held out bad film"})
+    assert len(rows) == 2
+    pos = {"good fun film all round": "film all round", "great cast great script": "great script"}
+    neg = {"dull slow film no": "film no", "weak plot bad end": "bad end"}
+    for i, row in enumerate(rows):
+        assert row["chosen"] in pos.values() and row["rejected"] in neg.values()
+        source = pos if i % 2 == 0 else neg  # the prompt alternates between the pair's two reviews
+        side = "chosen" if i % 2 == 0 else "rejected"
+        opening = next(text for text, rest in source.items() if rest == row[side])
+        assert row["prompt"] == "Go: " + " ".join(opening.split()[:2])
