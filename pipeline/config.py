@@ -237,7 +237,7 @@ class PPOSection(Optimisation):
     clip_range: float = doc(0.2, "Policy ratio clip.")
     clip_range_value: float = doc(0.2, "Value clip.")
     entropy_coef: float = doc(0.0, "Entropy bonus.")
-    whiten_advantages: bool = doc(True, "Whiten advantages per rollout batch.")
+    whiten_advantages: bool = doc(True, "Whiten advantages over the whole rollout batch (every rank's share).")
     normalize_reward: bool = doc(False, "Normalise scores with running mean/std.")
     center_reward: bool = doc(False, "Subtract the mean score of the first rollout batch (the starting policy's own "
                                      "responses) from every score, so reward_clip bounds the gain over that policy, "
@@ -281,6 +281,12 @@ class PPOSection(Optimisation):
               f"must be >= 2 for advantage_estimator {self.advantage_estimator} (its baseline is the other samples "
               f"of the same prompt; got {self.samples_per_prompt})")
         samples = self.rollout_batch_size * self.samples_per_prompt
+        whitens = self.advantage_estimator == "reinforce_pp" or (self.advantage_estimator == "gae"
+                                                                  and self.whiten_advantages)
+        check(samples >= 2 or not whitens, f"{p}.rollout_batch_size",
+              "whitening advantages needs at least 2 responses per rollout batch (rollout_batch_size x "
+              f"samples_per_prompt = {samples}): one response that is only EOS has no variance"
+              + ("" if self.advantage_estimator == "reinforce_pp" else f"; or set {p}.whiten_advantages=false"))
         check(self.minibatch_size <= samples, f"{p}.minibatch_size",
               f"must be <= rollout_batch_size x samples_per_prompt ({samples})")
         check(samples % self.minibatch_size == 0, f"{p}.minibatch_size",

@@ -137,6 +137,17 @@ def test_minibatch_larger_than_rollout_batch_is_rejected():
     assert "ppo.minibatch_size" in message and "rollout_batch_size" in message
 
 
+def test_whitening_a_single_response_is_rejected_before_it_can_divide_by_zero():
+    one = ["ppo.rollout_batch_size=1", "ppo.minibatch_size=1"]
+    message = config_error(TINY, one)
+    assert "tiny.yaml: ppo.rollout_batch_size: whitening" in message and "at least 2 responses" in message, message
+    assert "ppo.whiten_advantages=false" in message
+    message = config_error(TINY, [*one, "ppo.advantage_estimator=reinforce_pp"])  # whitens whatever the flag
+    assert "at least 2 responses" in message and "whiten_advantages" not in message, message
+    load_config(TINY, [*one, "ppo.whiten_advantages=false"])
+    load_config(TINY, ["ppo.rollout_batch_size=2", "ppo.minibatch_size=1"])
+
+
 def test_rollout_batch_must_divide_across_ranks():
     message = config_error(TINY, ["ppo.enabled=true", "deepspeed.num_gpus=3"])  # default rollout batch 16
     assert "ppo.rollout_batch_size" in message and "3 ranks" in message

@@ -79,6 +79,33 @@ def test_grpo_outcome_is_the_score_less_the_summed_kl_penalty():
     assert adv.abs().max() == 0
 
 
+@pytest.mark.parametrize("estimator", ["gae", "reinforce_pp"])
+def test_advantages_of_a_batch_split_over_two_ranks_are_the_one_rank_ones(estimator):
+    """Whitening takes the whole batch's statistics, so the ranks a batch is spread over change nothing.
+    With each rank's own statistics, a rank holding one good response would whiten it to the same
+    advantages as another rank's bad one (each row's mean forced to zero)."""
+    from pipeline.scoring import Rollout
+    from stages.ppo.experience import Scores, advantages
+    from tests.test_ppo_maths import ranks_sharing
+
+    mask = torch.ones(2, 3)
+    r = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.zeros(2, 3, dtype=torch.long), mask,
+                torch.tensor([True, True]))
+    scored = Scores(torch.zeros(2, 3), torch.zeros(2, 3), values=torch.tensor([[0.1, 0.2, 0.3]] * 2),
+                    raw_scores=torch.tensor([1.0, -1.0]))
+    cfg = settings(advantage_estimator=estimator, samples_per_prompt=1)
+    whole = advantages(scored, scored.raw_scores, r, cfg, kl_coef=0.05).advantages
+
+    def rank_share(i: int, all_reduce) -> torch.Tensor:
+        row = slice(i, i + 1)
+        share = Rollout(r.prompt_ids[row], r.prompt_mask[row], r.responses[row], r.mask[row], r.ended[row])
+        mine = Scores(scored.logprobs[row], scored.ref_logprobs[row], scored.values[row], scored.raw_scores[row])
+        return advantages(mine, mine.raw_scores, share, cfg, kl_coef=0.05, all_reduce=all_reduce).advantages
+
+    torch.testing.assert_close(torch.cat(ranks_sharing(2)(rank_share, [0, 1])), whole)
+    assert (whole[0] > 0).all() and (whole[1] < 0).all()  # the good response is pushed up, the bad one down
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"advantage_estimator": "grpo"}, "ppo.samples_per_prompt: must be >= 2 for advantage_estimator grpo"),
     ({"advantage_estimator": "rloo", "samples_per_prompt": 1}, "must be >= 2 for advantage_estimator rloo"),

@@ -70,6 +70,46 @@ def test_masked_whiten():
     assert_close(masked_whiten(x, mask, shift_mean=False), t([[3.0, 4.0, 0.0], [5.0, 0.0, 0.0]]))
 
 
+def ranks_sharing(world: int):
+    """`world` threads standing in for ranks, and an all_reduce that sums a tensor over them as gloo would."""
+    import threading
+
+    barrier, parts = threading.Barrier(world), {}
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        parts[threading.get_ident()] = x.clone()
+        barrier.wait()
+        total = sum(parts.values())
+        barrier.wait()  # every rank has read every part before the next call overwrites them
+        return total
+
+    def run(fn, shares: list) -> list:
+        out = [None] * world
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(shares[i], all_reduce)))
+                   for i in range(world)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return out
+
+    return run
+
+
+def test_masked_whiten_over_ranks_uses_the_whole_batch():
+    x = t([[2.0, 4.0, 123.0], [6.0, NAN, -7.0]])
+    mask = t([[1, 1, 0], [1, 0, 0]])
+    # rank 0 holds row 0 (values 2, 4), rank 1 row 1 (value 6): together mean 4 and std 2, as one rank sees them
+    run = ranks_sharing(2)
+    rows = run(lambda i, reduce: masked_whiten(x[i : i + 1], mask[i : i + 1], all_reduce=reduce), [0, 1])
+    assert_close(torch.cat(rows), t([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    # rank 1's single token alone has no variance; with the whole batch it is whitened like any other
+    assert_close(torch.cat(run(lambda i, reduce: masked_var(x[i : i + 1], mask[i : i + 1], all_reduce=reduce)
+                               .reshape(1), [0, 1])), t([4.0, 4.0]))
+    with pytest.raises(ValueError, match="dim=None"):
+        masked_mean(x, mask, dim=1, all_reduce=lambda v: v)
+
+
 LN2 = math.log(2.0)
 
 

@@ -51,7 +51,9 @@ def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), advantages[:, None].to(mask.dtype).expand_as(mask), torch.zeros_like(mask))
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Discounted returns of per-token rewards [B, T], whitened over every real token of the batch."""
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
+                            all_reduce: maths.AllReduce | None = None) -> torch.Tensor:
+    """Discounted returns of per-token rewards [B, T], whitened over every real token of the batch
+    (of every rank's share of it with `all_reduce`)."""
     returns, _ = maths.gae_advantages(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)
-    return maths.masked_whiten(returns, mask)
+    return maths.masked_whiten(returns, mask, all_reduce=all_reduce)

@@ -154,7 +154,8 @@ def shape_scores(raw: torch.Tensor, r: Rollout, cfg, moments: RunningMoments, al
     return scores
 
 
-def advantages(s: Scores, scores: torch.Tensor, r: Rollout, cfg, kl_coef: float) -> Advantages:
+def advantages(s: Scores, scores: torch.Tensor, r: Rollout, cfg, kl_coef: float,
+               all_reduce: maths.AllReduce | None = None) -> Advantages:
     """Phase 3: per-token KL, shaped rewards, advantages by `cfg.advantage_estimator` and the critic's returns.
 
     `scores` [B] are the raw scores after `shape_scores`. The KL penalty is in the rewards unless
@@ -162,6 +163,7 @@ def advantages(s: Scores, scores: torch.Tensor, r: Rollout, cfg, kl_coef: float)
     gae: GAE over the critic's values (whitened if configured). grpo/rloo: each response's outcome (its
     score less its summed KL penalty) against the other samples of its prompt, on every token.
     reinforce_pp: batch-whitened returns. Without a critic, `returns` is the advantage (unused).
+    Whitening takes the whole rollout batch's statistics: `all_reduce` sums them over the ranks.
     """
     kl = None if s.logprobs is None else maths.kl_estimate(s.logprobs, s.ref_logprobs, cfg.kl_estimator)
     coef = kl_coef if cfg.kl_in == "reward" else 0.0
@@ -170,10 +172,10 @@ def advantages(s: Scores, scores: torch.Tensor, r: Rollout, cfg, kl_coef: float)
     if cfg.advantage_estimator == "gae":
         adv, returns = maths.gae_advantages(rewards, s.values, r.mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            adv = maths.masked_whiten(adv, r.mask)
+            adv = maths.masked_whiten(adv, r.mask, all_reduce=all_reduce)
         return Advantages(kl, rewards, adv, returns)
     if cfg.advantage_estimator == "reinforce_pp":
-        adv = estimators.reinforce_pp_advantages(rewards, r.mask, cfg.gamma)
+        adv = estimators.reinforce_pp_advantages(rewards, r.mask, cfg.gamma, all_reduce)
     else:
         outcome = maths.masked_sum(rewards, r.mask, dim=1)
         if cfg.advantage_estimator == "grpo":

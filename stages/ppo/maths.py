@@ -8,13 +8,14 @@ with `torch.where`, not multiplied away, because padding logprobs can be -inf or
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
 from pipeline.scoring import logprobs_from_logits  # noqa: F401 (shared with the evaluation)
 
 WHITEN_EPS = 1e-8
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the ranks (the trainer's; absent on one)
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -28,30 +29,44 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
     return x.sum() if dim is None else x.sum(dim=dim)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` [B, T] over unmasked positions; a fully masked slice gives 0, not NaN."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                all_reduce: AllReduce | None = None) -> torch.Tensor:
+    """Mean of `x` [B, T] over unmasked positions; a fully masked slice gives 0, not NaN.
+
+    With `all_reduce` (scalar mean only) the sum and the count are summed over the ranks first, so every
+    rank gets the mean of the whole batch, not of its own share of it.
+    """
+    if all_reduce is not None:
+        if dim is not None:
+            raise ValueError("masked_mean reduces over ranks only to a scalar (dim=None)")
+        total = all_reduce(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
+        return total[0] / total[1].clamp(min=1)
     count = mask.sum() if dim is None else mask.sum(dim=dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance (scalar) of `x` [B, T] over all unmasked positions."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+               all_reduce: AllReduce | None = None) -> torch.Tensor:
+    """Variance (scalar) of `x` [B, T] over all unmasked positions (of every rank's batch with `all_reduce`)."""
+    mean = masked_mean(x, mask, all_reduce=all_reduce)
+    var = masked_mean((x - mean) ** 2, mask, all_reduce=all_reduce)
     if unbiased:
-        count = mask.sum()
+        count = mask.sum() if all_reduce is None else all_reduce(mask.sum())
         if count < 2:
             raise ValueError(f"unbiased variance needs at least 2 unmasked elements, got {int(count)}")
         var = var * count / (count - 1)
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_reduce: AllReduce | None = None) -> torch.Tensor:
     """Scale `x` [B, T] to unit variance over unmasked positions (and zero mean if `shift_mean`).
 
+    With `all_reduce` the mean and variance are those of the whole batch across ranks, so the
+    advantages do not depend on how many ranks share it (and one short response on a rank is fine).
     Padding comes back as 0 so it cannot leak into a later sum.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, all_reduce=all_reduce), masked_var(x, mask, all_reduce=all_reduce)
     whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean

@@ -68,6 +68,11 @@ def mean_over_ranks(stats: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return x
@@ -217,7 +222,8 @@ def train(ctx: StageContext, models: PPOModels, values: ValueSide, tokenizer, pr
             scores = xp.score(models, values, r, cfg.temperature, with_actor=not cfg.old_logprobs_from_update)
         with clock("advantages"):  # 3.
             shaped = xp.shape_scores(scores.raw_scores, r, cfg, loop.moments, all_gather_cat)
-            adv = xp.advantages(scores, shaped, r, cfg, loop.kl_ctl.value)
+            adv = xp.advantages(scores, shaped, r, cfg, loop.kl_ctl.value,
+                                sum_over_ranks if ctx.world_size > 1 else None)  # whiten over the whole batch
         with clock("update"):  # 4.
             exp = xp.Experience(rollout=r, scores=scores, advantages=adv)
             stats = update(models, values, exp, cfg, cfg.minibatch_size // ctx.world_size, generator, loop.kl_ctl.value)
@@ -304,7 +310,7 @@ def step_metrics(train_stats: dict[str, float], r: xp.Rollout, scores: xp.Scores
         "ppo/reward_mean": float(scores.raw_scores.mean()),
         "ppo/reward_std": float(all_gather_cat(scores.raw_scores).std()),
         "ppo/kl_to_ref": float(seq_kl.mean()), "ppo/kl_coef": kl_coef,
-        # per response, by ppo.kl_estimator (kl_to_ref is k1's): the KL the penalty uses
+        # per response, by ppo.kl_estimator (kl_to_ref is k1's): the KL the reward's penalty uses (kl_in: loss uses k3)
         "ppo/kl_estimate": float(maths.masked_sum(adv.kl, r.mask, dim=1).mean()),
         "ppo/response_length": float(r.mask.sum(-1).mean()), "ppo/eos_fraction": float(r.ended.float().mean()),
         "ppo/advantage_mean": float(maths.masked_mean(adv.advantages, r.mask)),
