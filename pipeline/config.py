@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError
-from pipeline.typed import check, doc, from_dict, to_dict
+from pipeline.typed import check, check_seed, doc, from_dict, to_dict
 
 STAGE_ORDER = ("pretrain", "sft", "reward", "ppo")
 
@@ -33,6 +33,7 @@ class RunSection:
 
     def validate(self, p: str) -> None:
         check(bool(self.name.strip()) and "/" not in self.name, f"{p}.name", "must be a non-empty name without '/'")
+        check_seed(self.seed, f"{p}.seed")
 
 
 @dataclass
@@ -105,6 +106,7 @@ class LoraSection:
 
     def validate(self, p: str) -> None:
         check(self.r >= 1, f"{p}.r", "must be >= 1")
+        check(self.alpha > 0, f"{p}.alpha", "must be > 0")
         check(0.0 <= self.dropout < 1.0, f"{p}.dropout", "must be in [0, 1)")
         check(len(self.target_modules) > 0, f"{p}.target_modules", "must name at least one module")
 
@@ -297,6 +299,9 @@ class PPOSection(Optimisation):
               f"must be in [0, max_new_tokens] (got {self.min_new_tokens})")
         check(self.kl_coef >= 0, f"{p}.kl_coef", "must be >= 0")
         check(self.target_kl > 0, f"{p}.target_kl", "must be > 0")
+        check(self.kl_horizon >= 1, f"{p}.kl_horizon", f"must be >= 1 (got {self.kl_horizon})")
+        if self.sampling_seed is not None:
+            check_seed(self.sampling_seed, f"{p}.sampling_seed")
         check(0 <= self.gamma <= 1, f"{p}.gamma", f"must be in [0, 1] (got {self.gamma})")
         check(0 <= self.lam <= 1, f"{p}.lam", f"must be in [0, 1] (got {self.lam})")
         check(self.clip_range > 0, f"{p}.clip_range", f"must be > 0 (got {self.clip_range})")
@@ -327,6 +332,9 @@ class EvalSection:
 
     def validate(self, p: str) -> None:
         check(self.num_prompts >= 1, f"{p}.num_prompts", "must be >= 1")
+        check_seed(self.seed, f"{p}.seed")
+        check(self.max_new_tokens is None or self.max_new_tokens >= 1, f"{p}.max_new_tokens",
+              f"must be >= 1 or null (got {self.max_new_tokens})")
         check(self.temperature > 0, f"{p}.temperature", "must be > 0")
         check(0 < self.top_p <= 1, f"{p}.top_p", "must be in (0, 1]")
         check(self.kl_budget is None or self.kl_budget > 0, f"{p}.kl_budget", "must be > 0 (or null)")
@@ -359,6 +367,7 @@ class MovieReviewsSection:
             if isinstance(value, int) and not isinstance(value, bool) and f.name != "seed":
                 check(value >= 1, f"{p}.{f.name}", "must be >= 1")
         check(self.min_words > self.prompt_words, f"{p}.min_words", "must be > prompt_words")
+        check_seed(self.seed, f"{p}.seed")
 
 
 @dataclass

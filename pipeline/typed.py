@@ -138,3 +138,10 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError(key, message) unless `condition` holds."""
     if not condition:
         raise ConfigError(key, message)
+
+
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeding accept 0 .. 2^32 - 1
+
+
+def check_seed(value: int, key: str) -> None:
+    check(0 <= value <= SEED_MAX, key, f"must be in [0, {SEED_MAX}] (got {value})")

@@ -125,6 +125,15 @@ def test_int_is_accepted_for_float():
         ("movie_reviews.reward_windows=0", "movie_reviews.reward_windows"),
         ("eval.kl_budget=0", "eval.kl_budget"),
         ("eval.top_p=1.5", "eval.top_p"),
+        ("run.seed=-1", "run.seed"),
+        ("run.seed=4294967296", "run.seed"),
+        ("eval.seed=-3", "eval.seed"),
+        ("movie_reviews.seed=-1", "movie_reviews.seed"),
+        ("ppo.sampling_seed=-1", "ppo.sampling_seed"),
+        ("ppo.kl_horizon=0", "ppo.kl_horizon"),
+        ("eval.max_new_tokens=-5", "eval.max_new_tokens"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+        ("sft.lora.alpha=0", "sft.lora.alpha"),
     ],
 )
 def test_impossible_value_is_rejected_naming_the_key(override, key):
