@@ -41,20 +41,34 @@ def select_stages(cfg: PipelineConfig, stages: str | None) -> list[str]:
     return [s for s in STAGE_ORDER if s in names]
 
 
-def supersede_checkpoints(run_dir: RunDir, stage: str, old_hash: str) -> None:
+def supersede_checkpoints(run_dir: RunDir, stage: str, old_hash: str) -> list[Path]:
     """A finished stage re-runs under a new config: keep its old periodic checkpoints, out of the way.
 
-    They belong to the previous config, so the new run must not resume from them, and deleting
-    them would lose good checkpoints; they move to `<stage>/superseded/<old hash>/`.
+    They belong to the previous config, so the new run must not resume from them (nor save over their
+    step numbers), and deleting them would lose good checkpoints; they move to
+    `<stage>/superseded/<old hash>/`. Returns where they went, for `restore_superseded`.
     """
     old = complete_checkpoints(run_dir.stage_dir(stage))
     if not old:
-        return
+        return []
     target = run_dir.stage_dir(stage) / "superseded" / old_hash
     target.mkdir(parents=True, exist_ok=True)
     for path in old:
         os.replace(path, target / path.name)
     print(f"[{stage}] config changed since the last finished run; its checkpoints moved to {target}", flush=True)
+    return [target / path.name for path in old]
+
+
+def restore_superseded(run_dir: RunDir, stage: str, moved: list[Path]) -> None:
+    """The new run failed before saving a checkpoint of its own: put the old ones back where they were, so a
+    failed run leaves the stage as it found it. (Once it has saved one, they stay under superseded/.)"""
+    stage_dir = run_dir.stage_dir(stage)
+    if not moved or complete_checkpoints(stage_dir):
+        return
+    for path in moved:
+        os.replace(path, stage_dir / path.name)
+    print(f"[{stage}] failed before saving a checkpoint; the earlier run's checkpoints are back in {stage_dir}",
+          flush=True)
 
 
 def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_from: dict[str, Path] | None = None,
@@ -81,8 +95,9 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         ds = cfg.stage_deepspeed(stage)
         check_per_node(ds, node, f"{stage}.deepspeed")
         preflight_launch(cfg, stage, inputs)
+        moved = []
         if manifest and stage not in resume_from and not follower:
-            supersede_checkpoints(run_dir, stage, manifest["config_hash"])
+            moved = supersede_checkpoints(run_dir, stage, manifest["config_hash"])
         resume_from_here = resume_point(resume_from.get(stage), run_dir.stage_dir(stage))
         if resume_from_here is not None:  # the stage will resume from it: refuse a wrong one before the launch
             check_resumable(resume_from_here, stage, fingerprint, semantic_stage_config(cfg, stage), ds.world_size,
@@ -96,15 +111,19 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         started = time.time()
         offset = log.stat().st_size if log.exists() else 0
         try:
-            code = run_launcher(cmd, launcher_env(ds), log)
-        finally:
-            release_shm(int(cmd[cmd.index("--master_port") + 1]))
-        if code != 0:
-            raise StageFailed(stage, code, f"; log: {log}", cause=stage_error(log, offset))
-        done = completed_final(run_dir, stage)
-        if done is None or done.get("config_hash") != fingerprint:  # exit 0 but nothing published
-            raise StageFailed(stage, code, f"; log: {log}",
-                              cause=f"the stage exited without publishing {run_dir.final_dir(stage)}")
+            try:
+                code = run_launcher(cmd, launcher_env(ds), log)
+            finally:
+                release_shm(int(cmd[cmd.index("--master_port") + 1]))
+            if code != 0:
+                raise StageFailed(stage, code, f"; log: {log}", cause=stage_error(log, offset))
+            done = completed_final(run_dir, stage)
+            if done is None or done.get("config_hash") != fingerprint:  # exit 0 but nothing published
+                raise StageFailed(stage, code, f"; log: {log}",
+                                  cause=f"the stage exited without publishing {run_dir.final_dir(stage)}")
+        except BaseException:  # a failed launch, or Ctrl-C while it ran
+            restore_superseded(run_dir, stage, moved)
+            raise
         print(f"[{stage}] done in {time.time() - started:.0f}s: {fmt_metrics(done.get('metrics', {}))}", flush=True)
 
 

@@ -180,6 +180,23 @@ def test_pretrain_resumes_after_a_kill_and_a_crash_mid_checkpoint(pretrained, tm
     assert_same_result(pretrained, run_dir, "pretrain", steps=6)
 
 
+def test_a_rerun_that_fails_before_its_first_checkpoint_leaves_the_old_checkpoints_in_place(pretrained, tmp_path):
+    """A new config moves a finished stage's checkpoints out of the way (superseded/); when the new run then
+    fails before saving one of its own (here: its second data row is empty), they come back."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(pretrained, run_dir)
+    before = [p.name for p in complete_checkpoints(run_dir / "pretrain")]
+    manifest = (run_dir / "pretrain" / "final" / "manifest.json").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a perfectly good first review of a film"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    code, out = finish(start(TINY, run_dir, "--stages", "pretrain", f"pretrain.data.train={bad}"))
+    assert code == 2 and f"{bad}: row 2: field 'text' is an empty string" in out, out
+    assert "its checkpoints moved to" in out and "checkpoints are back in" in out, out
+    assert [p.name for p in complete_checkpoints(run_dir / "pretrain")] == before == ["checkpoint-3", "checkpoint-6"]
+    assert (run_dir / "pretrain" / "final" / "manifest.json").read_text() == manifest
+    assert "skipped" in run_ok(TINY, run_dir, "--stages", "pretrain")  # the original config: still up to date
+
+
 def test_sft_resumes_after_a_kill_and_a_crash_mid_checkpoint(pretrained, tmp_path):
     reference = with_pretrain(pretrained, tmp_path / "reference")
     run_ok(TINY, reference, *SFT)
