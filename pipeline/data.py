@@ -207,26 +207,85 @@ def load_rows(
 
 
 def check_first_row(data: DataSection, stage: str, what: str) -> None:
-    """Before anything is written or launched: the first row of each local JSONL file of a stage fits one of
-    the stage's formats (the stage itself checks every row before training). Other sources are left to it."""
+    """Before anything is written or launched: each local data file of a stage is UTF-8 text (JSONL, JSON,
+    CSV) and its first row fits one of the stage's formats (the stage itself checks every row before
+    training). Folders, hub names and the demo's splits are left to the stage."""
     for split in ("train", "eval"):
         source = data.train if split == "train" else data.eval
-        if not source or source.startswith(movie_reviews.PREFIX) or Path(source).suffix != ".jsonl":
+        if not source or source.startswith(movie_reviews.PREFIX) or Path(source).suffix not in LOCAL_FORMATS:
             continue
         path = Path(source).expanduser()
         if not path.is_file():
             continue  # preflight names a missing file
-        with open(path, encoding="utf-8", errors="replace") as f:
-            try:
-                first = next((row for _, row in json_lines(f)), None)
-            except BadJsonLine as bad:
-                raise DataError(f"{what}.data.{split}: {path}: {bad}") from None
-        if not isinstance(first, dict):
-            raise DataError(f"{what}.data.{split}: {path}: " + ("file is empty" if first is None
-                                                                 else "line 1: expected a JSON object"))
+        key = f"{what}.data.{split}: {path}"
+        first = first_row(path, key)
+        if first is None:
+            continue  # a JSON document this check does not parse alone: the stage reads it whole
         renamed = {ours: first[theirs] for ours, theirs in data.columns.items() if theirs in first}
         row = {**{k: v for k, v in first.items() if k not in data.columns.values()}, **renamed}
         schemas.normalise(stage, row_format(data, stage, row, str(path), what), [row], str(path))
+
+
+def check_utf8(path: Path, key: str) -> None:
+    """Stop on the first bytes of a text file that are not UTF-8, naming the line (read in chunks)."""
+    import codecs
+
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                line += chunk[: err.start].count(b"\n")
+                raise DataError(f"{key}: line {line}: not UTF-8 text (byte 0x{chunk[err.start]:02x}); "
+                                "save the file as UTF-8") from None
+            if not chunk:
+                return
+            line += chunk.count(b"\n")
+
+
+def first_row(path: Path, key: str) -> dict[str, Any] | None:
+    """The first row of a local data file as the stage will load it; None for a multi-line JSON document."""
+    if path.suffix != ".parquet":
+        check_utf8(path, key)
+        if _is_blank(path):
+            raise DataError(f"{key}: file is empty")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=1), None)
+        except Exception as err:  # pyarrow raises several types for a file that is not parquet
+            raise DataError(f"{key}: cannot be read as parquet ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]})") from None
+        if batch is None or batch.num_rows == 0:
+            raise DataError(f"{key}: file has no rows")
+        return batch.to_pylist()[0]
+    if path.suffix == ".csv":
+        import pandas  # what `datasets` reads CSV with, so the values have the types the stage sees
+
+        try:
+            head = pandas.read_csv(path, nrows=1)
+        except Exception as err:
+            raise DataError(f"{key}: cannot be read as CSV ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]})") from None
+        if head.empty:
+            raise DataError(f"{key}: file has a header but no rows")
+        return {k: (None if pandas.isna(v) else v) for k, v in head.to_dict("records")[0].items()}
+    with open(path, encoding="utf-8") as f:
+        if path.suffix == ".json" and f.read(1 << 12).lstrip().startswith("["):
+            return None  # one JSON array: the stage reads it whole
+        f.seek(0)
+        try:
+            first = next((row for _, row in json_lines(f)), None)
+        except BadJsonLine as bad:
+            if path.suffix == ".json":
+                return None  # an indented JSON document, not JSON lines
+            raise DataError(f"{key}: {bad}") from None
+    if not isinstance(first, dict):
+        raise DataError(f"{key}: line 1: expected a JSON object")
+    return first
 
 
 def row_format(data: DataSection, stage: str, first_row: dict[str, Any], where: str, what: str) -> str:

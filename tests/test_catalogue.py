@@ -54,6 +54,14 @@ def held_lock(stack: ExitStack) -> None:
     stack.callback(fcntl.flock, fd, fcntl.LOCK_UN)
 
 
+def parquet_pairs(name: str) -> None:
+    """A parquet file of preference pairs whose columns are named good/bad."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["p"], "good": ["g"], "bad": ["b"]}), name)
+
+
 def small_models(stack: ExitStack) -> None:
     """model5/: a config.json of vocab_size 5 and (unread) weights; tok/: a tokenizer of 8 tokens; small/: both."""
     from tokenizers import Tokenizer, models
@@ -215,6 +223,18 @@ CASES = [
     Case("sft-data-blank", "run tiny.yaml --run-dir new sft.data.train=blank.jsonl",
          "sft.data.train: blank.jsonl: file is empty",
          files={"blank.jsonl": "\n  \n\n"}),
+    Case("sft-data-not-utf8", "run tiny.yaml --run-dir new sft.data.train=latin1.jsonl",
+         "sft.data.train: latin1.jsonl: line 2: not UTF-8 text (byte 0xe9); save the file as UTF-8",
+         files={"latin1.jsonl": '{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n'
+                .encode("latin-1")}),
+    Case("sft-csv-column-missing", "run tiny.yaml --run-dir new sft.data.train=sft.csv",
+         "sft.csv: row 1: field 'completion' is missing (format 'prompt_completion')",
+         files={"sft.csv": "prompt,answer\nhello,world\n"}),
+    Case("sft-csv-header-only", "run tiny.yaml --run-dir new sft.data.train=head.csv",
+         "sft.data.train: head.csv: file has a header but no rows", files={"head.csv": "prompt,completion\n"}),
+    Case("reward-parquet-column-missing", "run tiny.yaml --run-dir new reward.data.train=pairs.parquet",
+         "pairs.parquet: row 1: no reward format fits the fields (prompt, good, bad); expected `chosen` + "
+         "`rejected` (with an optional `prompt`) (rename with reward.data.columns)", make=lambda _: parquet_pairs("pairs.parquet")),
     Case("eval-prompts-missing", "run demo.yaml --run-dir new eval.prompts=/nope/e.jsonl",
          "eval.prompts: data file not found: /nope/e.jsonl"),
     Case("model-path-missing", "run demo.yaml --run-dir new sft.input=/nope/model",

@@ -234,3 +234,18 @@ def test_a_bf16_checkpoint_loads_in_fp32(tmp_path):
     for kind in ("causal_lm", "seq_cls"):
         model = load_model(str(path), kind=kind, **({"num_labels": 1} if kind == "seq_cls" else {}))
         assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_first_row_reads_each_local_format_as_the_stage_will(tmp_path):
+    from pipeline.data import first_row
+
+    (tmp_path / "rows.json").write_text('{"prompt": "a", "n": 1}\n{"prompt": "b", "n": 2}\n')  # JSON lines
+    assert first_row(tmp_path / "rows.json", "k") == {"prompt": "a", "n": 1}
+    (tmp_path / "array.json").write_text('[{"prompt": "a"}]')
+    (tmp_path / "doc.json").write_text('{\n  "prompt": "a"\n}\n')
+    assert first_row(tmp_path / "array.json", "k") is None and first_row(tmp_path / "doc.json", "k") is None
+    (tmp_path / "rows.csv").write_text("prompt,completion,n\nhi,,3\n")  # an empty cell is missing, as datasets has it
+    assert first_row(tmp_path / "rows.csv", "k") == {"prompt": "hi", "completion": None, "n": 3}
+    (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a"}\n\n{"prompt": "\xff"}\n')
+    with pytest.raises(DataError, match=r"^k: line 3: not UTF-8 text \(byte 0xff\)"):
+        first_row(tmp_path / "bad.jsonl", "k")
