@@ -7,6 +7,7 @@ orchestrator calls `preflight` again for each stage as it comes (its inputs now 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,14 @@ def check_model_dir(path: Path, key: str) -> None:
         raise UserError(f"{key}: {path} is not a checkpoint directory")
     if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise UserError(f"{key}: {path} holds no config.json; not a Hugging Face checkpoint")
+    for name in ("config.json", "adapter_config.json"):
+        if (path / name).exists():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                where = f"line {err.lineno} column {err.colno}: {err.msg}" if isinstance(err, json.JSONDecodeError) \
+                    else "not UTF-8"
+                raise UserError(f"{key}: {path / name}: not valid JSON ({where})") from None
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
         why = (f"only pickle weights ({', '.join(pickled)}), which are never loaded; convert them to safetensors"
@@ -109,6 +118,15 @@ def check_reward_head(path: Path, key: str) -> None:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# The inputs whose own dir the stage loads its tokenizer from (pretrain's model only without pretrain.tokenizer).
+TOKENIZER_FROM = {"pretrain": ("model",), "sft": ("model",), "reward": ("model",), "ppo": ("actor", "reward_model")}
+
+
+def check_has_tokenizer(path: Path, key: str) -> None:
+    """A full model dir the stage loads its tokenizer from must hold one (an adapter dir may defer to its base)."""
+    if (path / "config.json").exists() and not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"{key}: {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+                        "model's tokenizer into it (tokenizer.save_pretrained)")
 
 
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -189,6 +207,8 @@ def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) ->
             if key == "reward_model":
                 check_reward_head(local, INPUT_KEYS[stage][key])
             given = (inputs.get("tokenizer") or {}).get("path") if key == "model" else None  # pretrain.tokenizer
+            if not given and key in TOKENIZER_FROM[stage]:
+                check_has_tokenizer(local, INPUT_KEYS[stage][key])
             tokenizer = Path(given).expanduser() if given else local
             check_tokenizer_fits(local, tokenizer, INPUT_KEYS[stage]["tokenizer" if given else key])
     for split in ("train", "eval"):

@@ -78,6 +78,19 @@ def small_models(stack: ExitStack) -> None:
         Path(folder, "model.safetensors").write_bytes(b"")
 
 
+def model_dir(name: str, config: str, tokenizer: bool) -> Callable[[ExitStack], None]:
+    """A model dir with this config.json text, (unread) safetensors weights, and a tokenizer or none."""
+    def make(stack: ExitStack) -> None:
+        Path(name).mkdir()
+        Path(name, "config.json").write_text(config)
+        Path(name, "model.safetensors").write_bytes(b"")
+        if tokenizer:
+            small_models(stack)
+            for file in Path("tok").iterdir():
+                Path(name, file.name).write_bytes(file.read_bytes())
+    return make
+
+
 def checkpoint_of(world_size: int, lr: float) -> Callable[[ExitStack], None]:
     """run/pretrain/checkpoint-5, complete, saved by `world_size` ranks with pretrain.lr `lr` (demo: 1 and 0.002)."""
     def make(stack: ExitStack) -> None:
@@ -239,6 +252,13 @@ CASES = [
          "eval.prompts: data file not found: /nope/e.jsonl"),
     Case("model-path-missing", "run demo.yaml --run-dir new sft.input=/nope/model",
          "sft.input: path not found: /nope/model"),
+    Case("model-without-tokenizer", "run tiny.yaml --run-dir new --stages reward reward.input=notok",
+         "reward.input: notok holds no tokenizer (none of tokenizer.json, tokenizer_config.json, vocab.json, "
+         "tokenizer.model); save the model's tokenizer into it (tokenizer.save_pretrained)",
+         make=model_dir("notok", '{"model_type": "llama", "vocab_size": 8}', tokenizer=False)),
+    Case("model-config-not-json", "run tiny.yaml --run-dir new --stages sft sft.input=badcfg",
+         "sft.input: badcfg/config.json: not valid JSON (line 1 column 24: Expecting ',' delimiter)",
+         make=model_dir("badcfg", '{"model_type": "llama" "vocab_size": 8}', tokenizer=True)),
     Case("tokenizer-path-missing", "run tiny.yaml --run-dir new pretrain.tokenizer=/nonexistent/tokenizer",
          "pretrain.tokenizer: path not found: /nonexistent/tokenizer"),
     Case("model-hub-id-offline", "run tiny.yaml --run-dir new sft.input=some-org/some-model",
