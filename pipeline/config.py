@@ -397,10 +397,14 @@ class PipelineConfig:
                 continue
             from pipeline.ds_config import load_preset  # a misspelled preset fails here, not after a launch
 
-            load_preset(ds.config, f"{name}.deepspeed.config" if "config" in self.stage(name).deepspeed
-                        else "deepspeed.config")
+            preset = load_preset(ds.config, f"{name}.deepspeed.config" if "config" in self.stage(name).deepspeed
+                                 else "deepspeed.config")
             ranks = ds.world_size
             if name == "ppo":
+                from pipeline.ds_config import check_override_keys
+
+                check_override_keys(preset, self.ppo.actor_deepspeed, "ppo.actor_deepspeed")
+                check_override_keys(preset, self.ppo.critic_deepspeed, "ppo.critic_deepspeed")
                 check(self.ppo.rollout_batch_size % ranks == 0, "ppo.rollout_batch_size",
                       f"must divide across {ranks} ranks (got {self.ppo.rollout_batch_size})")
                 check(self.ppo.minibatch_size % ranks == 0, "ppo.minibatch_size",

@@ -143,6 +143,23 @@ def inference_config(train_ds: dict[str, Any], micro_batch: int, world_size: int
     }
 
 
+def check_override_keys(base: dict[str, Any], override: dict[str, Any], key: str) -> None:
+    """Refuse an override key that the config it overrides lacks but nearly has (`zero_optimisation`,
+    `stgae`): DeepSpeed ignores a top-level key it does not know, so the typo would train silently with
+    the preset's setting. Keys unlike any there pass: DeepSpeed has many more than a preset spells out."""
+    import difflib
+
+    for name, value in override.items():
+        if name in base:
+            if isinstance(value, dict) and isinstance(base[name], dict):
+                check_override_keys(base[name], value, f"{key}.{name}")
+            continue
+        close = difflib.get_close_matches(name, list(base), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(f"{key}.{name}", f"not a key of the DeepSpeed config it overrides; did you mean "
+                                               f"'{close[0]}'?")
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` over `base`, nested dicts key by key (`ppo.actor_deepspeed`, `ppo.critic_deepspeed`)."""
     out = dict(base)

@@ -276,6 +276,10 @@ CASES = [
          "pretrain.tokenizer: the tokenizer in tok has 8 tokens but the model in model5 embeds only 5 (config.json "
          "vocab_size); resize the embeddings or use the model's own tokenizer", make=small_models),
     # --- settings the resolved DeepSpeed config rules out
+    Case("ppo-deepspeed-override-misspelt", "run tiny.yaml --run-dir new ppo.enabled=true "
+         "ppo.actor_deepspeed.zero_optimisation.stage=3",
+         "tiny.yaml: ppo.actor_deepspeed.zero_optimisation: not a key of the DeepSpeed config it overrides; did you "
+         "mean 'zero_optimization'?"),
     Case("ema-with-a-zero3-preset", "run tiny.yaml --run-dir new ppo.enabled=true ppo.ema_decay=0.9 "
          "deepspeed.config=zero3",
          "ppo.ema_decay: EMA is supported with ZeRO stages 0-2 (the actor is sharded under ZeRO-3)"),
