@@ -477,6 +477,9 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
+        if not isinstance(key, (str, int, float, bool)) and key is not None:  # `[run]:` or `{a: 1}: 2`
+            raise ConfigError(f"{key_node.start_mark.name}:{line}:{key_node.start_mark.column + 1}",
+                              f"a key must be a name, not a {'list' if isinstance(key, list) else 'mapping'}")
         if key in seen:
             raise ConfigError(f"{key_node.start_mark.name}:{line}",
                               f"key '{key}' is given twice (lines {seen[key]} and {line}); the second would "

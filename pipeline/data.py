@@ -190,10 +190,10 @@ def load_rows(
     source = data.train if split == "train" else data.eval
     if source is None:
         if split == "train":
-            raise DataError(f"{what}.data.train: no training data configured")
+            raise DataError(f"{data_key(what, split)}: no training data configured")
         return None
     path = resolve_source(source, data_dir)
-    ds = load_dataset_any(path, data.split if split == "train" else data.eval_split, f"{what}.data.{split}")
+    ds = load_dataset_any(path, data.split if split == "train" else data.eval_split, data_key(what, split))
     renames = {theirs: ours for ours, theirs in data.columns.items() if theirs in ds.column_names and theirs != ours}
     if renames:
         ds = ds.rename_columns(renames)
@@ -204,6 +204,12 @@ def load_rows(
         return ds
     keep = [c for c in ds.column_names if c in fields or c in optional_fields]
     return ds.select_columns(keep)
+
+
+def data_key(what: str, split: str) -> str:
+    """The config key that names a data source: a stage's `<stage>.data.<split>`, or a key given whole
+    (`eval.prompts`, `eval.fluency_text`)."""
+    return what if "." in what else f"{what}.data.{split}"
 
 
 def check_first_row(data: DataSection, stage: str, what: str) -> None:
@@ -217,7 +223,7 @@ def check_first_row(data: DataSection, stage: str, what: str) -> None:
         path = Path(source).expanduser()
         if not path.is_file():
             continue  # preflight names a missing file
-        key = f"{what}.data.{split}: {path}"
+        key = f"{data_key(what, split)}: {path}"
         first = first_row(path, key)
         if first is None:
             continue  # a JSON document this check does not parse alone: the stage reads it whole

@@ -31,13 +31,15 @@ def default_run_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
 
-def select_stages(cfg: PipelineConfig, stages: str | None) -> list[str]:
-    if not stages:
+def select_stages(cfg: PipelineConfig, stages: str | None, option: str = "--stages") -> list[str]:
+    """The stages `option` names, in pipeline order; every enabled stage when it is not given."""
+    if stages is None:
         return cfg.enabled_stages()
     names = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGE_ORDER]
-    if unknown:
-        raise UserError(f"--stages: unknown stage '{unknown[0]}'; choices: {', '.join(STAGE_ORDER)}")
+    if unknown or not names:
+        what = f"unknown stage '{unknown[0]}'" if unknown else "names no stage"
+        raise UserError(f"{option}: {what}; choices: {', '.join(STAGE_ORDER)}")
     return [s for s in STAGE_ORDER if s in names]
 
 
@@ -171,7 +173,7 @@ def resume_pipeline(run_dir: str, stage: str | None, from_path: str | None, forc
     cfg = load_run_config(rd)
     if from_path is not None and stage is None:
         raise UserError("--from needs --stage (which stage the checkpoint belongs to)")
-    stages = select_stages(cfg, stage) if stage else cfg.enabled_stages()
+    stages = select_stages(cfg, stage, "--stage") if stage is not None else cfg.enabled_stages()
     resume_from = {}
     if from_path is not None:
         path = Path(from_path)

@@ -118,6 +118,10 @@ CASES = [
          "bad.yaml:1:13: YAML syntax error: a quoted scalar opened here is not closed (found unexpected end of "
          "stream at line 2)",
          files={"bad.yaml": b'run: {name: "x}\n'}),
+    Case("yaml-list-as-a-key", "run bad.yaml --run-dir new",
+         "bad.yaml:1:1: a key must be a name, not a list", files={"bad.yaml": b"[run]: {name: x}\n"}),
+    Case("yaml-mapping-as-a-key", "run bad.yaml --run-dir new",
+         "bad.yaml:2:3: a key must be a name, not a mapping", files={"bad.yaml": b"pretrain:\n  {max_steps: 5}: 1\n"}),
     Case("yaml-colon-in-a-value", "run bad.yaml --run-dir new",
          "bad.yaml:3:13: YAML syntax error: mapping values are not allowed here",
          files={"bad.yaml": b"run: {name: x}\nsft:\n  lr: 1.0e-3: 2\n"}),
@@ -303,6 +307,10 @@ CASES = [
     Case("resume-from-a-checkpoint-of-two-ranks", "resume run --stage pretrain --from run/pretrain/checkpoint-5 --force",
          "run/pretrain/checkpoint-5: saved with 2 ranks, now 1; resume with the same pretrain.deepspeed num_gpus x "
          "num_nodes (ZeRO shards are per rank)", make=checkpoint_of(world_size=2, lr=0.002)),
+    Case("resume-unknown-stage", "resume run --stage nope",
+         "--stage: unknown stage 'nope'; choices: pretrain, sft, reward, ppo"),
+    Case("run-stages-empty", "run tiny.yaml --run-dir new --stages ,",
+         "--stages: names no stage; choices: pretrain, sft, reward, ppo"),
     Case("resume-from-without-stage", "resume run --from run/pretrain/final",
          "--from needs --stage (which stage the checkpoint belongs to)"),
     Case("generate-out-a-directory", "generate run/pretrain/final --prompts p.jsonl --out notrun",

@@ -160,3 +160,16 @@ def test_a_tokenizer_that_fits_is_checked_without_importing_transformers(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_eval_data_errors_name_the_option_or_key_the_user_gave(tmp_path):
+    """`rlhf eval --prompts` names --prompts; the eval section's own sources name eval.prompts and
+    eval.fluency_text, not a stage's `<stage>.data.<split>`."""
+    from pipeline.data import data_key
+    from pipeline.errors import UserError
+    from pipeline.evaluation.rundir import held_out_prompts
+    from pipeline.rundir import RunDir
+
+    with pytest.raises(UserError, match=r"^--prompts: data file not found: missing\.jsonl$"):
+        held_out_prompts(load_config(TINY), RunDir(tmp_path), None, "missing.jsonl")
+    assert data_key("eval.prompts", "eval") == "eval.prompts" and data_key("sft", "eval") == "sft.data.eval"

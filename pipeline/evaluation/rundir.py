@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import (BASELINE, eval_settings, evaluate_policies, format_table,
                                           load_fluency_model, load_prompts)
 from pipeline.evaluation.judges import check_judge
+from pipeline.preflight import missing_local_data
 from pipeline.rundir import RunDir, RunLock, completed_final, load_run_config, require_run_dir
 from pipeline.typed import to_dict
 
@@ -66,6 +67,8 @@ def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None,
         if prompts_source.startswith(movie_reviews.PREFIX) and name not in movie_reviews.SPLITS:
             raise UserError(f"--prompts: unknown split '{prompts_source}'; choices: "
                             + ", ".join(movie_reviews.PREFIX + s for s in movie_reviews.SPLITS))
+        if missing_local_data(prompts_source):
+            raise UserError(f"--prompts: data file not found: {prompts_source}")
         cfg.eval.prompts = prompts_source
     return load_prompts(cfg, rd.data_dir)
 
