@@ -118,8 +118,9 @@ def check_reward_head(path: Path, key: str) -> None:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-# The inputs whose own dir the stage loads its tokenizer from (pretrain's model only without pretrain.tokenizer).
-TOKENIZER_FROM = {"pretrain": ("model",), "sft": ("model",), "reward": ("model",), "ppo": ("actor", "reward_model")}
+# The inputs whose own dir the stage loads its tokenizer from (pretrain's model only without pretrain.tokenizer;
+# PPO scores rollouts with the actor's tokens, and only its evaluation reads the reward model's tokenizer).
+TOKENIZER_FROM = {"pretrain": ("model",), "sft": ("model",), "reward": ("model",), "ppo": ("actor",)}
 
 
 def check_has_tokenizer(path: Path, key: str) -> None:
@@ -207,7 +208,8 @@ def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) ->
             if key == "reward_model":
                 check_reward_head(local, INPUT_KEYS[stage][key])
             given = (inputs.get("tokenizer") or {}).get("path") if key == "model" else None  # pretrain.tokenizer
-            if not given and key in TOKENIZER_FROM[stage]:
+            evaluated = stage == "ppo" and key == "reward_model" and cfg.eval.enabled
+            if not given and (key in TOKENIZER_FROM[stage] or evaluated):
                 check_has_tokenizer(local, INPUT_KEYS[stage][key])
             tokenizer = Path(given).expanduser() if given else local
             check_tokenizer_fits(local, tokenizer, INPUT_KEYS[stage]["tokenizer" if given else key])
