@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +169,20 @@ def check_resumable(path: Path, stage: str, config_hash: str, stage_config: dict
 # RLHF_TEST_FAULT=<stage>:<step>:writing  SIGKILLs each rank half-way through writing checkpoint-<step>;
 # RLHF_TEST_FAULT=<stage>:<step>:saved    SIGSTOPs each rank once checkpoint-<step> is complete, so the
 #                                         test can SIGKILL the whole run at exactly that point.
+# RLHF_TEST_FAULT=<stage>:finish:<seconds>  makes rank 0 take that much longer to finish the stage (as a
+#                                         long evaluation would) while the other ranks wait for it.
 FAULT_ENV = "RLHF_TEST_FAULT"
 
 
 def fault_point(stage: str, step: int, where: str) -> None:
     if os.environ.get(FAULT_ENV) == f"{stage}:{step}:{where}":
         os.kill(os.getpid(), signal.SIGKILL if where == "writing" else signal.SIGSTOP)
+
+
+def slow_finish(stage: str) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault.startswith(f"{stage}:finish:"):
+        time.sleep(float(fault.rsplit(":", 1)[1]))
 
 
 def complete_checkpoints(stage_dir: str | Path) -> list[Path]:

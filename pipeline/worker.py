@@ -16,10 +16,11 @@ import shutil
 import socket
 import sys
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.checkpoint import make_manifest, now, publish_dir, write_json
+from pipeline.checkpoint import make_manifest, now, publish_dir, slow_finish, write_json
 from pipeline.config import load_config
 from pipeline.context import StageContext
 from pipeline.errors import UserError
@@ -41,7 +42,21 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def placement(world_size: int) -> dict[str, Any]:
+# How long the other ranks wait for rank 0 at a stage's end (its evaluation, writing final/). Not the
+# process group's timeout (DeepSpeed's default: 10 minutes), which an evaluation of many prompts on a big
+# model outlasts; a rank that dies still ends the wait at once, as its connections close.
+FINISH_TIMEOUT = timedelta(hours=12)
+
+
+def finish_group(world_size: int):
+    """A gloo group with FINISH_TIMEOUT for the collectives after a stage's training (call on every rank);
+    None on one rank."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=FINISH_TIMEOUT) if world_size > 1 else None
+
+
+def placement(world_size: int, group=None) -> dict[str, Any]:
     """Where the ranks ran, for the manifest: `{nodes, ranks_per_node, node_of_rank, hosts}` (call on every rank).
 
     A rank's node is the number DeepSpeed's launcher gives it (CROSS_RANK, set on every node, so two
@@ -52,7 +67,7 @@ def placement(world_size: int) -> dict[str, Any]:
     mine = (os.environ.get("CROSS_RANK") or socket.gethostname(), socket.gethostname())
     ranks: list[Any] = [None] * world_size
     if world_size > 1:
-        dist.all_gather_object(ranks, mine)
+        dist.all_gather_object(ranks, mine, group=group)
     else:
         ranks = [mine]
     order = list(dict.fromkeys(node for node, _ in ranks))  # nodes in order of their first rank
@@ -61,11 +76,11 @@ def placement(world_size: int) -> dict[str, Any]:
             "node_of_rank": node_of_rank, "hosts": [host for _, host in ranks]}
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def run_stage(run_dir: RunDir, stage: str, stage_run: StageRun, resume_from: Path | None,
@@ -90,12 +105,16 @@ def run_stage(run_dir: RunDir, stage: str, stage_run: StageRun, resume_from: Pat
     )
     if ctx.is_main and ctx.staging_final.exists():
         shutil.rmtree(ctx.staging_final)  # left by a crash; never a published checkpoint
+    finishing = finish_group(world_size)
     barrier()
 
     metrics = stage_run(ctx)
+    if ctx.is_main:
+        slow_finish(stage)  # tests only: rank 0 finishes late
 
-    where = placement(world_size)
-    barrier()
+    # Rank 0 may still be evaluating (PPO): the others wait for it here, on the group that waits long enough.
+    where = placement(world_size, finishing)
+    barrier(finishing)
     if ctx.is_main:
         manifest = make_manifest(
             stage=stage, config_hash=fingerprint, stage_config=semantic_stage_config(cfg, stage),
@@ -107,7 +126,7 @@ def run_stage(run_dir: RunDir, stage: str, stage_run: StageRun, resume_from: Pat
         publish_dir(ctx.staging_final, run_dir.final_dir(stage))
         tracker.summary({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     tracker.finish()
-    barrier()
+    barrier(finishing)
     import torch.distributed as dist
 
     # A rank that exits while another still runs collectives can abort the job ("terminate called

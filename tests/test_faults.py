@@ -10,7 +10,9 @@
    the stage if not); each rank also logs each collective it enters, and the test compares the two lists.
    A hang fails the test at its timeout.
 2. The end-of-run evaluation of that same run: rank 0 judges while rank 1 waits, and the results are in
-   the stage's manifest.
+   the stage's manifest. The run's process group times out after one minute (DEEPSPEED_TIMEOUT=1; the
+   default is 10) and rank 0 finishes FINISH_S seconds later than it would (RLHF_TEST_FAULT), as a long
+   evaluation of a big model would: rank 1's wait must outlast the group's timeout.
 3. `rlhf resume` itself: `--stage ppo --from RUN/ppo/checkpoint-N` continues from step N (and redoes the
    next step exactly as it was first done); after a config change the same command is refused with one
    line, and with `--force` it resumes across the change.
@@ -130,6 +132,7 @@ def without_time(row: dict[str, Any]) -> dict[str, Any]:
 
 
 ROLLOUT, STEPS = 4, 2
+FINISH_S = 70  # past DEEPSPEED_TIMEOUT=1 (minutes)
 # TORCH_DISTRIBUTED_DEBUG=DETAIL logs each collective a rank enters (with TORCH_CPP_LOG_LEVEL=INFO), e.g.
 # [rank1]:[I1129 ... ProcessGroupWrapper.cpp:710] [Rank 1] Running collective: CollectiveFingerPrint(SequenceNumber=1, ...
 COLLECTIVE = re.compile(r"^\[rank(\d)\]:\S+ \S+ ProcessGroupWrapper\.cpp:\d+\] \[Rank \d\] Running collective: (.+)$",
@@ -160,7 +163,8 @@ def uneven_run(models, tmp_path_factory) -> UnevenRun:
         "rollout_batch_size": ROLLOUT, "minibatch_size": 2, "max_steps": STEPS, "save_steps": None,
     }, deepspeed={"config": "zero3", "num_gpus": 2}, eval_prompts=4)
     run_dir = root / "run"
-    out = rlhf("run", config, "--run-dir", run_dir, TORCH_DISTRIBUTED_DEBUG="DETAIL", TORCH_CPP_LOG_LEVEL="INFO")
+    out = rlhf("run", config, "--run-dir", run_dir, TORCH_DISTRIBUTED_DEBUG="DETAIL", TORCH_CPP_LOG_LEVEL="INFO",
+               DEEPSPEED_TIMEOUT="1", RLHF_TEST_FAULT=f"ppo:finish:{FINISH_S}")
     return UnevenRun(run_dir, out, {rank: [t for i, t in enumerate(texts) if rank_of[i] == rank] for rank in (0, 1)})
 
 
@@ -202,7 +206,8 @@ def test_a_rank_that_stops_at_once_and_one_that_runs_to_the_limit_stay_in_step(u
 
 
 def test_the_end_of_run_evaluation_on_two_ranks(models, uneven_run):
-    """Rank 0 judges the policies while rank 1 waits at the stage's last collective, then both publish."""
+    """Rank 0 judges the policies (and finishes FINISH_S s late, past the process group's one-minute timeout)
+    while rank 1 waits at the stage's last collective, then both publish."""
     run_dir = uneven_run.run_dir
     m = manifest(run_dir)
     evaluation = m["evaluation"]
