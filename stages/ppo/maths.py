@@ -39,8 +39,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
     if all_reduce is not None:
         if dim is not None:
             raise ValueError("masked_mean reduces over ranks only to a scalar (dim=None)")
-        total = all_reduce(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
-        return total[0] / total[1].clamp(min=1)
+        # float64: a count of tokens over many ranks is not exact in bf16 (or even fp32 past 2^24)
+        total = all_reduce(torch.stack([masked_sum(x, mask).double(), mask.sum().double()]))
+        return (total[0] / total[1].clamp(min=1)).to(x.dtype)
     count = mask.sum() if dim is None else mask.sum(dim=dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
@@ -51,7 +52,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
     mean = masked_mean(x, mask, all_reduce=all_reduce)
     var = masked_mean((x - mean) ** 2, mask, all_reduce=all_reduce)
     if unbiased:
-        count = mask.sum() if all_reduce is None else all_reduce(mask.sum())
+        count = mask.sum() if all_reduce is None else all_reduce(mask.sum().double()).to(var.dtype)
         if count < 2:
             raise ValueError(f"unbiased variance needs at least 2 unmasked elements, got {int(count)}")
         var = var * count / (count - 1)
