@@ -113,10 +113,7 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         started = time.time()
         offset = log.stat().st_size if log.exists() else 0
         try:
-            try:
-                code = run_launcher(cmd, launcher_env(ds), log)
-            finally:
-                release_shm(int(cmd[cmd.index("--master_port") + 1]))
+            code = run_launcher(cmd, launcher_env(ds), log)
             if code != 0:
                 raise StageFailed(stage, code, f"; log: {log}", cause=stage_error(log, offset))
             done = completed_final(run_dir, stage)
@@ -126,6 +123,8 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         except BaseException:  # a failed launch, or Ctrl-C while it ran
             restore_superseded(run_dir, stage, moved)
             raise
+        finally:
+            release_shm(int(cmd[cmd.index("--master_port") + 1]))
         print(f"[{stage}] done in {time.time() - started:.0f}s: {fmt_metrics(done.get('metrics', {}))}", flush=True)
 
 

@@ -46,9 +46,10 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
-               all_reduce: AllReduce | None = None) -> torch.Tensor:
-    """Variance (scalar) of `x` [B, T] over all unmasked positions (of every rank's batch with `all_reduce`)."""
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+                    all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance (scalars) of `x` [B, T] over all unmasked positions (of every rank's batch with
+    `all_reduce`)."""
     mean = masked_mean(x, mask, all_reduce=all_reduce)
     var = masked_mean((x - mean) ** 2, mask, all_reduce=all_reduce)
     if unbiased:
@@ -56,7 +57,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
         if count < 2:
             raise ValueError(f"unbiased variance needs at least 2 unmasked elements, got {int(count)}")
         var = var * count / (count - 1)
-    return var
+    return mean, var
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True,
+               all_reduce: AllReduce | None = None) -> torch.Tensor:
+    """Variance (scalar) of `x` [B, T] over all unmasked positions (of every rank's batch with `all_reduce`)."""
+    return masked_mean_var(x, mask, unbiased, all_reduce)[1]
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
@@ -67,7 +74,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     advantages do not depend on how many ranks share it (and one short response on a rank is fine).
     Padding comes back as 0 so it cannot leak into a later sum.
     """
-    mean, var = masked_mean(x, mask, all_reduce=all_reduce), masked_var(x, mask, all_reduce=all_reduce)
+    mean, var = masked_mean_var(x, mask, all_reduce=all_reduce)  # one mean, not one here and one in the variance
     whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
