@@ -246,7 +246,7 @@ class PPOSection(Optimisation):
                                      "not the reward model's arbitrary offset.")
     reward_clip: float | None = doc(None, "Clip scores to [-x, x].")
     missing_eos_penalty: float | None = doc(None, "Subtract from the score of responses without EOS.")
-    ema_decay: float | None = doc(None, "Keep an EMA of the actor with this decay.")
+    ema_decay: float | None = doc(None, "Keep an EMA of the actor with this decay, saved as final/ema/ in final/'s form (merged or adapters).")
     critic_lr: float = doc(1e-4, "Critic learning rate (gae only).")
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = doc(
         "gae", "gae: PPO with a critic; grpo, rloo (need samples_per_prompt >= 2) and reinforce_pp build no critic.")

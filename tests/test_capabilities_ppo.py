@@ -115,6 +115,14 @@ def lora(tiny, tmp_path_factory) -> Run:
     return Run(root / "run", run_ppo(root / "run", config))
 
 
+@pytest.fixture(scope="module")
+def lora_ema(tiny, tmp_path_factory) -> Run:
+    """LoRA merged into the hand-off, with an EMA: two steps, a checkpoint (and its EMA) after the first."""
+    root = tmp_path_factory.mktemp("lora_ema")
+    config = ppo_config(root, tiny, lora=LORA, ema_decay=DECAY, max_steps=2, save_steps=1)
+    return Run(root / "run", run_ppo(root / "run", config))
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -270,3 +278,24 @@ def test_lora_actor_under_zero3_saves_base_plus_adapter(lora, tiny):
     adapted = assert_merged_lora(merged, base, state, lambda key: "base_model.model." + key.replace(
         ".weight", ".lora_A.default.weight"), scale=LORA["alpha"] / LORA["r"])
     assert adapted == set(LORA["target_modules"])
+
+
+def test_lora_ema_is_merged_like_the_actor(lora_ema, tiny):
+    """With LoRA merged into final/, final/ema/ is the EMA's adapters merged into the same base: a whole model
+    with its tokenizer, loaded as final/ is, not an adapter folder beside a merged model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = lora_ema.run_dir / "ppo" / "final"
+    ema_1 = load_file(lora_ema.run_dir / "ppo" / "checkpoint-1" / "ema.safetensors")
+    [actor_2] = lora_ema.steps.actor_state
+    assert ema_1 and all("lora_" in k for k in ema_1)  # the EMA averages what trains: the adapters
+    ema_adapters = {k: DECAY * ema_1[k] + (1 - DECAY) * actor_2[k] for k in ema_1}
+    merged_ema, merged_actor, base = weights(final / "ema"), weights(final), weights(tiny.policy_dir)
+    adapted = assert_merged_lora(merged_ema, base, ema_adapters, lambda key: "base_model.model." + key.replace(
+        ".weight", ".lora_A.default.weight"), scale=LORA["alpha"] / LORA["r"])
+    assert adapted == set(LORA["target_modules"])
+    assert any(not torch.equal(merged_ema[k], merged_actor[k]) for k in merged_ema), "the EMA is the actor itself"
+    AutoModelForCausalLM.from_pretrained(final / "ema")
+    AutoTokenizer.from_pretrained(final / "ema")
+    assert manifest(lora_ema.run_dir)["lora"] == {"merged": True}

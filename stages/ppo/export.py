@@ -32,21 +32,25 @@ def _merged_lora(ctx: StageContext, state: dict[str, torch.Tensor]):
 
 
 def save_actor(models, tokenizer, ctx: StageContext, ema=None) -> None:
+    """`final/`: the actor as the config asks (plain, LoRA merged, or LoRA adapters); `final/ema/`, when an EMA
+    is kept: its weights in the same form, with the tokenizer, so either loads the same way."""
     state = full_state_dict(models.actor)
     if not ctx.is_main:
         return
-    out = ctx.staging_final
-    module = models.actor.module
-    if models.uses_lora and not ctx.section.lora.keep_adapters:
-        module, state = _merged_lora(ctx, state), None
-        ctx.extra_manifest["lora"] = {"merged": True}
-    elif models.uses_lora:
-        ctx.extra_manifest["lora"] = {"merged": False, "adapters_only": True}
-    module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    merge = models.uses_lora and not ctx.section.lora.keep_adapters
+    if models.uses_lora:
+        ctx.extra_manifest["lora"] = {"merged": True} if merge else {"merged": False, "adapters_only": True}
     tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(str(out))
+    _save(models.actor.module, state, ctx, merge, tokenizer, ctx.staging_final)
     if ema is not None:
-        ema_state = dict(state) if state is not None else {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        ema_state.update({k: v.detach().cpu() for k, v in ema.shadow.items()})
-        models.actor.module.save_pretrained(str(out / "ema"), state_dict=ema_state, safe_serialization=True)
+        # the EMA holds the trainable weights only (the adapters under LoRA); the rest is the actor's
+        ema_state = {**state, **{k: v.detach().cpu() for k, v in ema.shadow.items()}}
+        _save(models.actor.module, ema_state, ctx, merge, tokenizer, ctx.staging_final / "ema")
         ctx.extra_manifest["ema"] = {"decay": ema.decay, "path": str(ctx.run_dir.final_dir("ppo") / "ema")}
+
+
+def _save(module, state: dict[str, torch.Tensor], ctx: StageContext, merge: bool, tokenizer, out) -> None:
+    if merge:
+        module, state = _merged_lora(ctx, state), None
+    module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
