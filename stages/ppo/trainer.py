@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import random
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pipeline.rundir import semantic_stage_config
 from pipeline.worker import barrier
 from stages.ppo import experience as xp
 from stages.ppo import maths, state as ckpt
-from stages.ppo.engines import PPOModels, build_models, build_policy_models, deepspeed_configs
+from stages.ppo.engines import PPOModels, build_models, build_policy_models, deepspeed_configs, free_engines
 from stages.ppo.evaluate import evaluate_after_training
 from stages.ppo.export import save_actor
 from stages.ppo.update import update
@@ -94,6 +95,13 @@ def peak_memory_mib(device: str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def release_memory(device: str) -> None:
+    """Collect what was just dropped (engines hold reference cycles) and hand the accelerator's cache back."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def critic_eval_mode(models) -> None:
@@ -196,6 +204,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     result["steps"] = cfg.max_steps
     result["sharding"] = sharding_info
     result["peak_memory_mib"] = peak_memory_mib(ctx.device)
+    # The evaluation loads plain models of its own on rank 0: the engines (weights, gradients, optimizer
+    # states) go first, or a policy that trained sharded over GPUs meets all of that again on one.
+    free_engines(models)
+    del models, values, ema
+    release_memory(ctx.device)
     result.update(evaluate_after_training(ctx))
     return result
 
