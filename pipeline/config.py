@@ -132,6 +132,10 @@ class Optimisation:
         check(self.lr > 0, f"{p}.lr", f"must be > 0 (got {self.lr})")
         check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
+        # transformers' "constant" schedule takes no warm-up: the steps would be ignored without a word
+        check(self.warmup_steps == 0 or self.lr_scheduler != "constant", f"{p}.warmup_steps",
+              f"the constant schedule has no warm-up; set {p}.lr_scheduler: constant_with_warmup "
+              f"(or {p}.warmup_steps: 0)")
         check(self.max_grad_norm > 0, f"{p}.max_grad_norm", "must be > 0")
         check(self.save_steps is None or self.save_steps >= 1, f"{p}.save_steps", "must be >= 1 or null")
 
@@ -150,6 +154,9 @@ class TrainLoop(Optimisation):
         for name in ("batch_size", "grad_accum"):
             check(getattr(self, name) >= 1, f"{p}.{name}", f"must be >= 1 (got {getattr(self, name)})")
         check(self.eval_steps is None or self.eval_steps >= 1, f"{p}.eval_steps", "must be >= 1 or null")
+        data = getattr(self, "data", None)
+        check(self.eval_steps is None or data is None or data.eval is not None, f"{p}.eval_steps",
+              f"evaluates on {p}.data.eval, which is not set")
 
 
 @dataclass

@@ -173,6 +173,11 @@ CASES = [
     Case("minibatch-above-rollout",
          "run tiny.yaml --run-dir new --stages pretrain,sft ppo.rollout_batch_size=8 ppo.minibatch_size=16",
          "tiny.yaml: ppo.minibatch_size: must be <= rollout_batch_size x samples_per_prompt (8)"),
+    Case("warmup-on-a-constant-schedule", "run tiny.yaml --run-dir new sft.lr_scheduler=constant sft.warmup_steps=5",
+         "tiny.yaml: sft.warmup_steps: the constant schedule has no warm-up; set sft.lr_scheduler: "
+         "constant_with_warmup (or sft.warmup_steps: 0)"),
+    Case("eval-steps-without-eval-data", "run tiny.yaml --run-dir new reward.eval_steps=1 reward.data.eval=null",
+         "tiny.yaml: reward.eval_steps: evaluates on reward.data.eval, which is not set"),
     Case("clip-range-zero", "run tiny.yaml --run-dir new --stages pretrain,sft ppo.clip_range=0",
          "tiny.yaml: ppo.clip_range: must be > 0 (got 0.0)"),
     Case("value-clip-negative", "run tiny.yaml --run-dir new --stages pretrain,sft ppo.clip_range_value=-0.1",
