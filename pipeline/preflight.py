@@ -191,6 +191,37 @@ def check_tokenizer_fits(model_dir: Path, tokenizer_dir: Path, key: str) -> None
                     f"only {vocab} (config.json vocab_size); resize the embeddings or use the model's own tokenizer")
 
 
+ROTARY_OR_ALIBI_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base")
+
+
+def learned_positions(config: dict[str, Any]) -> int | None:
+    """How many positions a model with learned position embeddings has (GPT-2, OPT, GPT-Neo): a longer sequence
+    indexes past them and fails mid-step. None for rotary or ALiBi models, which run longer ones (however well)."""
+    if any(key in config for key in ROTARY_OR_ALIBI_KEYS) or config.get("alibi"):
+        return None
+    positions = config.get("n_positions") or config.get("max_position_embeddings")
+    return positions if isinstance(positions, int) else None
+
+
+def longest_sequence(cfg: PipelineConfig, stage: str) -> tuple[int, str]:
+    """The longest sequence (prompt and response) a stage feeds its models, and the keys that set it."""
+    section = cfg.stage(stage)
+    if stage == "pretrain":
+        return section.seq_len, "pretrain.seq_len"
+    if stage == "ppo":
+        return section.max_prompt_length + section.max_new_tokens, "ppo.max_prompt_length + ppo.max_new_tokens"
+    return section.max_length, f"{stage}.max_length"
+
+
+def check_positions_fit(model_dir: Path, cfg: PipelineConfig, stage: str, key: str) -> None:
+    config = read_json(model_dir / "config.json")
+    positions = learned_positions(config) if isinstance(config, dict) else None
+    length, setting = longest_sequence(cfg, stage)
+    if positions is not None and length > positions:
+        raise UserError(f"{setting}: {length} tokens, but the model in {model_dir} ({key}) has {positions} learned "
+                        f"positions (config.json); set at most {positions}")
+
+
 def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) -> None:
     """Checks for a stage about to launch (not one being skipped): hub access, weights format, reward head."""
     from pipeline.data import hub_reachable, is_local_source
@@ -213,6 +244,7 @@ def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) ->
                 check_has_tokenizer(local, INPUT_KEYS[stage][key])
             tokenizer = Path(given).expanduser() if given else local
             check_tokenizer_fits(local, tokenizer, INPUT_KEYS[stage]["tokenizer" if given else key])
+            check_positions_fit(local, cfg, stage, INPUT_KEYS[stage][key])
     for split in ("train", "eval"):
         source = getattr(cfg.stage(stage).data, split)
         if source and not source.startswith(movie_reviews.PREFIX) and not is_local_source(source):

@@ -268,6 +268,16 @@ CASES = [
     Case("model-config-not-json", "run tiny.yaml --run-dir new --stages sft sft.input=badcfg",
          "sft.input: badcfg/config.json: not valid JSON (line 1 column 24: Expecting ',' delimiter)",
          make=model_dir("badcfg", '{"model_type": "llama" "vocab_size": 8}', tokenizer=True)),
+    Case("longer-than-learned-positions", "run tiny.yaml --run-dir new --stages sft sft.input=gpt sft.max_length=1024",
+         "sft.max_length: 1024 tokens, but the model in gpt (sft.input) has 512 learned positions (config.json); set "
+         "at most 512",
+         make=model_dir("gpt", '{"model_type": "gpt2", "vocab_size": 8, "n_positions": 512}', tokenizer=True)),
+    Case("ppo-longer-than-learned-positions", "run tiny.yaml --run-dir new --stages ppo ppo.input=gpt "
+         "ppo.reward_model=gpt ppo.max_prompt_length=500 ppo.max_new_tokens=24",
+         "ppo.max_prompt_length + ppo.max_new_tokens: 524 tokens, but the model in gpt (ppo.input) has 512 learned "
+         "positions (config.json); set at most 512",
+         make=model_dir("gpt", '{"model_type": "gpt2", "vocab_size": 8, "n_positions": 512, "num_labels": 1}',
+                        tokenizer=True)),
     Case("tokenizer-path-missing", "run tiny.yaml --run-dir new pretrain.tokenizer=/nonexistent/tokenizer",
          "pretrain.tokenizer: path not found: /nonexistent/tokenizer"),
     Case("model-hub-id-offline", "run tiny.yaml --run-dir new sft.input=some-org/some-model",

@@ -173,3 +173,18 @@ def test_eval_data_errors_name_the_option_or_key_the_user_gave(tmp_path):
     with pytest.raises(UserError, match=r"^--prompts: data file not found: missing\.jsonl$"):
         held_out_prompts(load_config(TINY), RunDir(tmp_path), None, "missing.jsonl")
     assert data_key("eval.prompts", "eval") == "eval.prompts" and data_key("sft", "eval") == "sft.data.eval"
+
+
+@pytest.mark.parametrize("config, positions", [
+    ({"model_type": "gpt2", "n_positions": 1024}, 1024),  # learned: an index past them fails mid-step
+    ({"model_type": "opt", "max_position_embeddings": 2048}, 2048),
+    ({"model_type": "llama", "max_position_embeddings": 2048, "rope_parameters": {"rope_theta": 1e4}}, None),
+    ({"model_type": "qwen2", "max_position_embeddings": 32768, "rope_theta": 1e6}, None),  # older config.json
+    ({"model_type": "falcon", "alibi": True, "max_position_embeddings": 2048}, None),
+    ({"model_type": "bloom"}, None),
+])
+def test_only_learned_positions_limit_the_sequence(config, positions):
+    """Rotary and ALiBi models run sequences past max_position_embeddings (however well): not refused."""
+    from pipeline.preflight import learned_positions
+
+    assert learned_positions(config) == positions
