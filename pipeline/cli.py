@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from pipeline.errors import StageFailed, UserError
+from pipeline.typed import check_seed
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.verbose:
         os.environ["RLHF_VERBOSE"] = "1"  # the launcher's and the ranks' whole output on the terminal
     try:
+        if getattr(args, "seed", None) is not None:  # eval, generate, chat: torch takes 0 .. 2^32 - 1
+            check_seed(args.seed, "--seed")
         code = COMMANDS[args.command](args)
     except UserError as err:
         if args.debug:

@@ -40,13 +40,33 @@ def load_checkpoint(checkpoint: str):
 
     from pipeline.models import check_model_tokenizer, load_model, load_tokenizer
 
-    if not Path(checkpoint).expanduser().exists() and checkpoint.startswith((".", "/", "~")):
+    local = Path(checkpoint).expanduser()
+    if not local.exists() and checkpoint.startswith((".", "/", "~")):
         raise UserError(f"{checkpoint}: checkpoint not found")
+    if local.is_dir():
+        check_policy_dir(local)
     tokenizer = load_tokenizer(checkpoint, what="checkpoint")
     model = load_model(checkpoint, what="checkpoint")
     check_model_tokenizer(model, tokenizer, "checkpoint")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tokenizer, device
+
+
+def check_policy_dir(path: Path) -> None:
+    """A local checkpoint must be a causal LM's (or its adapters'): not a run dir, a stage dir, a resumable
+    checkpoint or a reward model, each of which once failed deep inside transformers or generated noise."""
+    finals = [path / stage / "final" for stage in ("ppo", "sft", "pretrain")] + [path / "final"]
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        hint = next((f for f in finals if (f / "config.json").exists()), None)
+        raise UserError(f"{path}: not a model checkpoint (no config.json)"
+                        + (f"; did you mean {hint}?" if hint else "; give a stage's final dir, e.g. RUN_DIR/ppo/final"))
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return  # an adapter dir, or a config.json the loader reports on itself
+    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{path}: a reward model ({architectures[0]}) scores text and does not write it; give a "
+                        "policy, e.g. RUN_DIR/ppo/final or RUN_DIR/sft/final")
 
 
 def prompt_budget(model, max_new_tokens: int) -> int:

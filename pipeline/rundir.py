@@ -217,4 +217,7 @@ def load_run_config(run_dir: RunDir) -> PipelineConfig:
     """The config a run dir was started with (its config.yaml)."""
     if not run_dir.config_path.exists():
         raise UserError(f"{run_dir.root}: no config.yaml; is this a run dir?")
+    if not run_dir.config_path.read_text(encoding="utf-8", errors="replace").strip():
+        # read as defaults, it would launch stages the run never had
+        raise UserError(f"{run_dir.config_path}: empty; `rlhf run` writes it, so restore it or start the run again")
     return load_config(run_dir.config_path)

@@ -81,7 +81,7 @@ def small_models(stack: ExitStack) -> None:
 def model_dir(name: str, config: str, tokenizer: bool) -> Callable[[ExitStack], None]:
     """A model dir with this config.json text, (unread) safetensors weights, and a tokenizer or none."""
     def make(stack: ExitStack) -> None:
-        Path(name).mkdir()
+        Path(name).mkdir(parents=True)
         Path(name, "config.json").write_text(config)
         Path(name, "model.safetensors").write_bytes(b"")
         if tokenizer:
@@ -330,6 +330,19 @@ CASES = [
          "--from needs --stage (which stage the checkpoint belongs to)"),
     Case("generate-out-a-directory", "generate run/pretrain/final --prompts p.jsonl --out notrun",
          "--out: notrun is a directory; give a file path such as notrun/responses.jsonl"),
+    Case("chat-on-a-run-dir", "chat built", "built: not a model checkpoint (no config.json); did you mean "
+         "built/sft/final?", make=model_dir("built/sft/final", '{"model_type": "llama", "vocab_size": 8}', tokenizer=True)),
+    Case("chat-on-a-reward-model", "chat rm", "rm: a reward model (LlamaForSequenceClassification) scores text and "
+         "does not write it; give a policy, e.g. RUN_DIR/ppo/final or RUN_DIR/sft/final",
+         make=model_dir("rm", '{"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}',
+                        tokenizer=True)),
+    Case("eval-seed-out-of-range", "eval run --seed 18446744073709551616",
+         "--seed: must be in [0, 4294967295] (got 18446744073709551616)"),
+    Case("generate-seed-negative", "generate run/pretrain/final --prompts p.jsonl --seed -5",
+         "--seed: must be in [0, 4294967295] (got -5)"),
+    Case("resume-with-an-empty-config", "resume emptyrun",
+         "emptyrun/config.yaml: empty; `rlhf run` writes it, so restore it or start the run again",
+         files={"emptyrun/config.yaml": b"\n"}),
     Case("generate-out-dir-missing", "generate run/pretrain/final --prompts p.jsonl --out nodir/out.jsonl",
          "--out: directory nodir does not exist"),
 ]
@@ -361,6 +374,7 @@ def contents(place: Path) -> dict[str, str]:
 
 def prepare(case: Case, stack: ExitStack) -> None:
     for name, text in case.files.items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
         (Path(name).write_bytes if isinstance(text, bytes) else Path(name).write_text)(text)
     if case.make:
         case.make(stack)
