@@ -8,6 +8,8 @@ adds, its end-of-turn marker included, are the ones SFT learns to write.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from pipeline.errors import DataError
 from pipeline.schemas import Prompt, Turn, prompt_turns
 
@@ -53,3 +55,17 @@ def encode_conversation(tokenizer, turns: list[Turn]) -> dict[str, list[int]] | 
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = [int(any(start <= first < end for start, end in spans)) for first, _ in encoded["offset_mapping"]]
     return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
+
+
+def check_template_renders(tokenizer, conversations: Iterable[list[Turn]], source: str, field: str) -> None:
+    """Render every row's turns once: a chat template that refuses them (Gemma's "System role not supported",
+    Llama-2's and Mistral's "roles must alternate") is one line naming the row, not a traceback from inside
+    the trainer after the launch."""
+    from jinja2 import TemplateError
+
+    for i, turns in enumerate(conversations):
+        try:
+            tokenizer.apply_chat_template(turns, tokenize=False)
+        except TemplateError as err:
+            raise DataError(f"{source}: row {i + 1}: the chat template of {tokenizer.name_or_path} refuses the turns "
+                            f"of field '{field}': {err}") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import StageContext
+from pipeline.chat import check_template_renders
 from pipeline.data import StageRows, load_stage_rows
 from pipeline.errors import UserError
 from pipeline.hf_training import (checkpoint_callbacks, resume_checkpoint, run_training, save_final, train_metrics,
@@ -57,7 +58,11 @@ def prepare(data: StageRows | None, tokenizer, split: str, is_main: bool):
         raise UserError(f"{data.source}: pairs are chat turns (format '{data.format}'), but the tokenizer of "
                         f"reward.input ({tokenizer.name_or_path}) has no chat template; give it one")
     if tokenizer.chat_template and "prompt" in rows.column_names and isinstance(rows[0]["prompt"], str):
-        return as_chat(rows)
+        rows = as_chat(rows)
+    if not isinstance(rows[0]["chosen"], str):
+        prompts = rows["prompt"] if "prompt" in rows.column_names else [[]] * len(rows)
+        for field in ("chosen", "rejected"):
+            check_template_renders(tokenizer, (p + r for p, r in zip(prompts, rows[field])), data.source, field)
     return rows
 
 

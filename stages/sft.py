@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import StageContext
-from pipeline.chat import encode_conversation
+from pipeline.chat import check_template_renders, encode_conversation
 from pipeline.data import StageRows, load_stage_rows
 from pipeline.errors import DataError, UserError
 from pipeline.hf_training import (checkpoint_callbacks, perplexity, resume_checkpoint, run_training, save_final,
@@ -60,10 +60,13 @@ def training_rows(data: StageRows, tokenizer):
         raise UserError(f"{data.source}: rows are chat turns, but the tokenizer of sft.input ({tokenizer.name_or_path}) "
                         "has no chat template; give it one (tokenizer.chat_template) or use prompt/completion strings")
     if fmt == "messages":
+        check_template_renders(tokenizer, rows["messages"], data.source, "messages")
         return conversations(rows, tokenizer, data.source)
-    if fmt == "prompt_completion" and tokenizer.chat_template and not conversational:
-        return as_chat(rows)
-    return rows  # conversational pairs, plain text, or string pairs for a tokenizer without a chat template
+    if fmt == "prompt_completion" and tokenizer.chat_template:
+        rows = rows if conversational else as_chat(rows)
+        check_template_renders(tokenizer, (p + c for p, c in zip(rows["prompt"], rows["completion"])), data.source,
+                               "prompt' + 'completion")
+    return rows  # chat pairs, plain text, or string pairs for a tokenizer without a chat template
 
 
 def trained_example(row: dict[str, Any], tokenizer) -> dict[str, str]:

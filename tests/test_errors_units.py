@@ -188,3 +188,43 @@ def test_only_learned_positions_limit_the_sequence(config, positions):
     from pipeline.preflight import learned_positions
 
     assert learned_positions(config) == positions
+
+
+NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                      "{{ raise_exception('System role not supported') }}{% endif %}"
+                      "<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                      "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_a_chat_template_that_refuses_a_row_is_one_line_naming_it():
+    """Gemma's template raises on a system turn, Llama-2's on roles that do not alternate: SFT messages, SFT
+    prompt/completion turns and reward pairs name the row (4 here) instead of a jinja2 traceback in TRL."""
+    from datasets import Dataset
+
+    from pipeline.data import StageRows
+    from pipeline.errors import DataError
+    from stages.reward import prepare
+    from stages.sft import training_rows
+    from tests.standins import make_tokenizer
+
+    tokenizer = make_tokenizer("llama")
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    user, assistant = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+    system = {"role": "system", "content": "Be brief."}
+    messages = [[user, assistant]] * 3 + [[system, user, assistant]]
+    sft_rows = {
+        "messages": ("messages", {"messages": messages}),
+        "prompt_completion": ("prompt' + 'completion", {"prompt": [m[:-1] for m in messages],
+                                                        "completion": [[assistant]] * 4}),
+    }
+    for fmt, (field, columns) in sft_rows.items():
+        with pytest.raises(DataError) as err:
+            training_rows(StageRows(Dataset.from_dict(columns), fmt, "chats.jsonl"), tokenizer)
+        assert str(err.value) == (f"chats.jsonl: row 4: the chat template of {tokenizer.name_or_path} refuses the "
+                                  f"turns of field '{field}': System role not supported")
+    pairs = Dataset.from_dict({"prompt": [m[:-1] for m in messages], "chosen": [[assistant]] * 4,
+                               "rejected": [[{"role": "assistant", "content": "No."}]] * 4})
+    with pytest.raises(DataError, match=r"^pairs.jsonl: row 4: .* field 'chosen': System role not supported$"):
+        prepare(StageRows(pairs, "conversations", "pairs.jsonl"), tokenizer, "train", is_main=True)
+    ordinary = Dataset.from_dict({"messages": messages[:3]})
+    assert len(training_rows(StageRows(ordinary, "messages", "chats.jsonl"), tokenizer)) == 3
