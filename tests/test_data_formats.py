@@ -76,6 +76,15 @@ def test_prompt_rows():
     ("ppo", [{"prompt": [{"role": "user", "content": "q"}]}, {"prompt": [{"role": "user"}]}],
      "row 2: field 'prompt' turn 1 has no role/content"),
     ("ppo", [{"question": "q"}], "row 1: no ppo format fits the fields (question); expected `prompt` or `messages`"),
+    ("sft", [{"prompt": "Hi there", "completion": "Hello."}] * 3
+     + [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]}],
+     "row 4: field 'prompt' is a list of turns but row 1's is a string (format 'prompt_completion')"),
+    ("reward", [{"prompt": "Hi there", "chosen": "Hello.", "rejected": "Go."}] * 3
+     + [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Yo"}],
+         "rejected": [{"role": "assistant", "content": "No"}]}],
+     "row 4: field 'prompt' is a list of turns but row 1's is a string (format 'preference')"),
+    ("ppo", [{"prompt": [{"role": "user", "content": "Hi"}]}, {"prompt": "Hi there"}],
+     "row 2: field 'prompt' is a string but row 1's is a list of turns (format 'prompt')"),
 ])
 def test_bad_row_names_file_row_and_field(tmp_path, stage, rows, message):
     path = standins.write_jsonl(tmp_path / "rows.jsonl", rows)
