@@ -252,7 +252,8 @@ def check_utf8(path: Path, key: str) -> None:
 
 
 def first_row(path: Path, key: str) -> dict[str, Any] | None:
-    """The first row of a local data file as the stage will load it; None for a multi-line JSON document."""
+    """The first row of a local data file as the stage will load it; None for a JSON document that is not an
+    array or JSON lines (an indented object: the stage reads it whole)."""
     if path.suffix != ".parquet":
         check_utf8(path, key)
         if _is_blank(path):
@@ -281,7 +282,10 @@ def first_row(path: Path, key: str) -> dict[str, Any] | None:
         return {k: (None if pandas.isna(v) else v) for k, v in head.to_dict("records")[0].items()}
     with open(path, encoding="utf-8") as f:
         if path.suffix == ".json" and f.read(1 << 12).lstrip().startswith("["):
-            return None  # one JSON array: the stage reads it whole
+            f.seek(0)
+            first = first_of_array(f, key)
+            # datasets reads an array of strings as rows of `text`
+            return {"text": first} if isinstance(first, str) else _json_object(first, key)
         f.seek(0)
         try:
             first = next((row for _, row in json_lines(f)), None)
@@ -289,9 +293,31 @@ def first_row(path: Path, key: str) -> dict[str, Any] | None:
             if path.suffix == ".json":
                 return None  # an indented JSON document, not JSON lines
             raise DataError(f"{key}: {bad}") from None
-    if not isinstance(first, dict):
+    return _json_object(first, key)
+
+
+def _json_object(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
         raise DataError(f"{key}: line 1: expected a JSON object")
-    return first
+    return value
+
+
+def first_of_array(f, key: str) -> Any:
+    """The first element of the JSON array a text file holds, read only as far as that element's end (a large
+    file is not read whole: the decoder is retried on a longer prefix until the element is complete)."""
+    decoder = json.JSONDecoder()
+    text = f.read(1 << 16).lstrip()[1:]  # after the '['
+    while True:
+        start = len(text) - len(text.lstrip())
+        if text[start:start + 1] == "]":
+            raise DataError(f"{key}: the JSON array has no rows")
+        try:
+            return decoder.raw_decode(text, start)[0]
+        except json.JSONDecodeError as err:
+            more = f.read(1 << 20)
+            if not more:
+                raise DataError(f"{key}: not valid JSON ({err.msg} in the array's first element)") from None
+            text += more
 
 
 def row_format(data: DataSection, stage: str, first_row: dict[str, Any], where: str, what: str) -> str:

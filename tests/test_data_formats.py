@@ -250,11 +250,33 @@ def test_first_row_reads_each_local_format_as_the_stage_will(tmp_path):
 
     (tmp_path / "rows.json").write_text('{"prompt": "a", "n": 1}\n{"prompt": "b", "n": 2}\n')  # JSON lines
     assert first_row(tmp_path / "rows.json", "k") == {"prompt": "a", "n": 1}
-    (tmp_path / "array.json").write_text('[{"prompt": "a"}]')
     (tmp_path / "doc.json").write_text('{\n  "prompt": "a"\n}\n')
-    assert first_row(tmp_path / "array.json", "k") is None and first_row(tmp_path / "doc.json", "k") is None
+    assert first_row(tmp_path / "doc.json", "k") is None
     (tmp_path / "rows.csv").write_text("prompt,completion,n\nhi,,3\n")  # an empty cell is missing, as datasets has it
     assert first_row(tmp_path / "rows.csv", "k") == {"prompt": "hi", "completion": None, "n": 3}
     (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a"}\n\n{"prompt": "\xff"}\n')
     with pytest.raises(DataError, match=r"^k: line 3: not UTF-8 text \(byte 0xff\)"):
         first_row(tmp_path / "bad.jsonl", "k")
+
+
+def test_first_row_of_a_json_array_is_its_first_element(tmp_path):
+    from pipeline.data import first_row
+
+    long = "x" * (3 << 16)  # the first element ends past the first read
+    (tmp_path / "array.json").write_text(f' [\n  {{"prompt": "{long}", "n": 1}},\n  {{"prompt": "b"}}\n]\n')
+    assert first_row(tmp_path / "array.json", "k") == {"prompt": long, "n": 1}
+    (tmp_path / "texts.json").write_text('["one", "two"]')  # datasets reads strings as rows of `text`
+    assert first_row(tmp_path / "texts.json", "k") == {"text": "one"}
+    for text, message in [("[]", "the JSON array has no rows"), ("[1, 2]", "line 1: expected a JSON object"),
+                          ('[{"prompt": "a",', "not valid JSON")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(DataError, match=f"^k: {message}"):
+            first_row(tmp_path / "bad.json", "k")
+
+
+def test_the_first_row_of_a_json_array_is_checked_before_launch(tmp_path):
+    from pipeline.data import check_first_row
+
+    (tmp_path / "sft.json").write_text(json.dumps([{"prompt": "Hi", "answer": "Yo"}]))
+    with pytest.raises(DataError, match=r"sft\.json: row 1: field 'completion' is missing"):
+        check_first_row(DataSection(train=str(tmp_path / "sft.json")), "sft", "sft")
