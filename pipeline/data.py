@@ -77,7 +77,7 @@ def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
 
 def _bad_json_line(path: Path) -> str | None:
     """`line N: ...` for the first line of a JSONL file that is not a JSON object, or None."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         try:
             for number, row in json_lines(f):
                 if not isinstance(row, dict):
@@ -280,7 +280,7 @@ def first_row(path: Path, key: str) -> dict[str, Any] | None:
         if head.empty:
             raise DataError(f"{key}: file has a header but no rows")
         return {k: (None if pandas.isna(v) else v) for k, v in head.to_dict("records")[0].items()}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is skipped, as datasets skips it
         if path.suffix == ".json" and f.read(1 << 12).lstrip().startswith("["):
             f.seek(0)
             first = first_of_array(f, key)

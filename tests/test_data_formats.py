@@ -280,3 +280,20 @@ def test_the_first_row_of_a_json_array_is_checked_before_launch(tmp_path):
     (tmp_path / "sft.json").write_text(json.dumps([{"prompt": "Hi", "answer": "Yo"}]))
     with pytest.raises(DataError, match=r"sft\.json: row 1: field 'completion' is missing"):
         check_first_row(DataSection(train=str(tmp_path / "sft.json")), "sft", "sft")
+
+
+@pytest.mark.parametrize("name, text", [("rows.jsonl", '{"prompt": "Hi", "completion": "Yo"}\n'),
+                                        ("rows.json", '[{"prompt": "Hi", "completion": "Yo"}]'),
+                                        ("rows.csv", "prompt,completion\nHi,Yo\n")])
+def test_a_byte_order_mark_is_read_past_as_the_stage_reads_past_it(tmp_path, name, text):
+    from pipeline.data import check_first_row, first_row
+
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert first_row(path, "k") == {"prompt": "Hi", "completion": "Yo"}
+    check_first_row(DataSection(train=str(path)), "sft", "sft")
+    assert load(path).rows.to_list() == [{"prompt": "Hi", "completion": "Yo"}]
+    path.write_bytes(b"\xef\xbb\xbf" + text.rstrip().encode() + b"\n\xff\n")  # the UTF-8 check still reads past the mark
+    line = text.rstrip().count("\n") + 2
+    with pytest.raises(DataError, match=rf"^k: line {line}: not UTF-8 text \(byte 0xff\)"):
+        first_row(path, "k")
