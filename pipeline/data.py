@@ -11,6 +11,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -124,7 +125,8 @@ def load_dataset_any(source: str, split: str, what: str):
         if fmt != "parquet" and _is_blank(path):
             raise DataError(f"{what}: {path}: file is empty")
         try:
-            return datasets.load_dataset(fmt, data_files=str(path), split="train")
+            as_text = {"features": csv_text_features(path)} if fmt == "csv" else {}
+            return datasets.load_dataset(fmt, data_files=str(path), split="train", **as_text)
         except Exception as err:  # datasets wraps parse errors in several types
             where = _bad_json_line(path) if path.suffix == ".jsonl" else None
             raise DataError(f"{what}: {path}: " + (where or f"cannot be read as {fmt} ({type(err).__name__}: "
@@ -136,6 +138,15 @@ def load_dataset_any(source: str, split: str, what: str):
     except Exception as err:
         raise DataError(f"{what}: cannot load hub dataset '{source}' split '{split}': "
                         f"{str(err).splitlines()[0][:200]}") from None
+
+
+def csv_text_features(path: Path):
+    """Every column of a CSV file typed as text: a CSV cell has no type, and a completion "4" is the text 4,
+    which pandas would otherwise read as a number that no field accepts."""
+    import datasets
+    import pandas
+
+    return datasets.Features({name: datasets.Value("string") for name in pandas.read_csv(path, nrows=0).columns})
 
 
 def _check_value(value: Any, field: str) -> str | None:
@@ -227,8 +238,7 @@ def check_first_row(data: DataSection, stage: str, what: str) -> None:
         first = first_row(path, key)
         if first is None:
             continue  # a JSON document this check does not parse alone: the stage reads it whole
-        renamed = {ours: first[theirs] for ours, theirs in data.columns.items() if theirs in first}
-        row = {**{k: v for k, v in first.items() if k not in data.columns.values()}, **renamed}
+        row = renamed(first, data.columns)
         schemas.normalise(stage, row_format(data, stage, row, str(path), what), [row], str(path))
 
 
@@ -273,7 +283,7 @@ def first_row(path: Path, key: str) -> dict[str, Any] | None:
         import pandas  # what `datasets` reads CSV with, so the values have the types the stage sees
 
         try:
-            head = pandas.read_csv(path, nrows=1)
+            head = pandas.read_csv(path, nrows=1, dtype=str)  # as the stage reads it (csv_text_features)
         except Exception as err:
             raise DataError(f"{key}: cannot be read as CSV ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]})") from None
@@ -354,5 +364,35 @@ def load_stage_rows(data: DataSection, stage: str, *, split: str, data_dir: Path
     if missing:
         raise DataError(f"{where}: row 1: field '{missing[0]}' is missing (format '{fmt}'; columns: "
                         f"{', '.join(ds.column_names)})")
-    rows = schemas.normalise(stage, fmt, ds.select_columns(keep), where)
-    return StageRows(datasets.Dataset.from_list(rows), fmt, where)
+    rows = ds.select_columns(keep)
+    if mixed_columns(ds, keep) and Path(where).suffix in (".json", ".jsonl") and Path(where).is_file():
+        # datasets keeps a column whose rows mix types as JSON text and decodes back any string that parses
+        # as JSON ("4" becomes 4, "null" None); the file's own values name the row that really differs
+        rows = [{c: row.get(c) for c in keep} for row in islice(json_file_rows(Path(where), data.columns), len(ds))]
+    return StageRows(datasets.Dataset.from_list(schemas.normalise(stage, fmt, rows, where)), fmt, where)
+
+
+def mixed_columns(ds, names: list[str]) -> list[str]:
+    """The columns among `names` that datasets typed as JSON because their rows hold values of several types."""
+    import datasets
+
+    json_type = getattr(datasets, "Json", None)  # datasets >= 5
+    return [n for n in names if json_type is not None and isinstance(ds.features[n], json_type)]
+
+
+def json_file_rows(path: Path, columns: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """The rows of a JSON lines or JSON array file as the json module reads them, renamed by `columns`."""
+    with open(path, encoding="utf-8-sig") as f:
+        if f.read(1 << 12).lstrip().startswith("["):
+            f.seek(0)
+            rows = ({"text": v} if isinstance(v, str) else v for v in json.load(f))  # as datasets reads strings
+        else:
+            f.seek(0)
+            rows = (row for _, row in json_lines(f))
+        yield from (renamed(row, columns) for row in rows)
+
+
+def renamed(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """A row with the dataset's column names replaced by the stage's (`data.columns`, ours -> theirs)."""
+    theirs = {t: o for o, t in columns.items() if t in row}
+    return {**{k: v for k, v in row.items() if k not in theirs}, **{o: row[t] for t, o in theirs.items()}}

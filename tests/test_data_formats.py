@@ -253,7 +253,7 @@ def test_first_row_reads_each_local_format_as_the_stage_will(tmp_path):
     (tmp_path / "doc.json").write_text('{\n  "prompt": "a"\n}\n')
     assert first_row(tmp_path / "doc.json", "k") is None
     (tmp_path / "rows.csv").write_text("prompt,completion,n\nhi,,3\n")  # an empty cell is missing, as datasets has it
-    assert first_row(tmp_path / "rows.csv", "k") == {"prompt": "hi", "completion": None, "n": 3}
+    assert first_row(tmp_path / "rows.csv", "k") == {"prompt": "hi", "completion": None, "n": "3"}
     (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a"}\n\n{"prompt": "\xff"}\n')
     with pytest.raises(DataError, match=r"^k: line 3: not UTF-8 text \(byte 0xff\)"):
         first_row(tmp_path / "bad.jsonl", "k")
@@ -297,3 +297,38 @@ def test_a_byte_order_mark_is_read_past_as_the_stage_reads_past_it(tmp_path, nam
     line = text.rstrip().count("\n") + 2
     with pytest.raises(DataError, match=rf"^k: line {line}: not UTF-8 text \(byte 0xff\)"):
         first_row(path, "k")
+
+
+def test_a_csv_cell_is_text_even_when_it_looks_like_a_number(tmp_path):
+    from pipeline.data import check_first_row, first_row
+
+    path = tmp_path / "sums.csv"
+    path.write_text('prompt,completion\n"What is 2+2?","4"\n"And 0.5+0.5?",1.0\n')
+    assert first_row(path, "k") == {"prompt": "What is 2+2?", "completion": "4"}
+    check_first_row(DataSection(train=str(path)), "sft", "sft")
+    assert load(path).rows.to_list() == [{"prompt": "What is 2+2?", "completion": "4"},
+                                         {"prompt": "And 0.5+0.5?", "completion": "1.0"}]
+
+
+TURNS = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "What is 2+2?", "completion": "4"}, {"prompt": "a", "completion": "b"},
+      {"prompt": "3+3", "completion": 6}], "row 3: field 'completion' must be a string or a list of turns, got int"),
+    ([{"prompt": "What is 2+2?", "completion": "4"}, TURNS], "row 2: field 'prompt' is a list of turns but row 1's is"),
+])
+def test_a_json_field_that_mixes_types_is_named_at_the_row_that_differs(tmp_path, rows, message):
+    for path in (standins.write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "rows.json"):
+        path.write_text(json.dumps(rows)) if path.suffix == ".json" else None
+        with pytest.raises(DataError, match=f"^{path}: {message}"):
+            load(path)
+
+
+def test_rows_before_a_mixed_row_keep_their_text_when_it_is_past_max_samples(tmp_path):
+    rows = [{"prompt": "What is 2+2?", "answer": "4"}, {"prompt": "And 1+1?", "answer": "null"},
+            {"prompt": "3+3", "answer": 6}]  # datasets types `answer` as JSON and reads "4" back as 4
+    path = standins.write_jsonl(tmp_path / "rows.jsonl", rows)
+    got = load(path, max_samples=2, columns={"completion": "answer"})
+    assert got.rows.to_list() == [{"prompt": "What is 2+2?", "completion": "4"},
+                                  {"prompt": "And 1+1?", "completion": "null"}]
