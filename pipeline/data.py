@@ -206,6 +206,11 @@ def load_rows(
     path = resolve_source(source, data_dir)
     ds = load_dataset_any(path, data.split if split == "train" else data.eval_split, data_key(what, split))
     renames = {theirs: ours for ours, theirs in data.columns.items() if theirs in ds.column_names and theirs != ours}
+    # `{prompt: question}` names the column the user wants as the prompt; a column already called `prompt` is
+    # the one they chose not to use (a hub dataset's they cannot drop themselves), so it goes, as in `renamed`
+    shadowed = [ours for ours in renames.values() if ours in ds.column_names and ours not in renames]
+    if shadowed:
+        ds = ds.remove_columns(shadowed)
     if renames:
         ds = ds.rename_columns(renames)
     if split == "train" and data.max_samples is not None:

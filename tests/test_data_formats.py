@@ -332,3 +332,18 @@ def test_rows_before_a_mixed_row_keep_their_text_when_it_is_past_max_samples(tmp
     got = load(path, max_samples=2, columns={"completion": "answer"})
     assert got.rows.to_list() == [{"prompt": "What is 2+2?", "completion": "4"},
                                   {"prompt": "And 1+1?", "completion": "null"}]
+
+
+def test_a_column_renamed_onto_one_that_exists_takes_its_place(tmp_path):
+    from pipeline.data import check_first_row
+
+    rows = [{"prompt": "not this", "question": "Q", "completion": "A"}]
+    path = standins.write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert load(path, columns={"prompt": "question"}).rows.to_list() == [{"prompt": "Q", "completion": "A"}]
+    swapped = load(path, columns={"prompt": "question", "question": "prompt"}).rows.to_list()
+    assert swapped == [{"prompt": "Q", "completion": "A"}]
+    standins.write_jsonl(path, [{"prompt": "fine", "question": " ", "completion": "A"}])  # the preflight agrees
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' is an empty string"):
+        check_first_row(DataSection(train=str(path), columns={"prompt": "question"}), "sft", "sft")
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' is an empty string"):
+        load(path, columns={"prompt": "question"})
