@@ -88,9 +88,22 @@ def _bad_json_line(path: Path) -> str | None:
     return None
 
 
-def load_folder(path: Path, split: str, what: str):
+# The defaults of `data.split` and `data.eval_split`: a dataset saved without splits is taken whole for them.
+WHOLE_DATASET_SPLITS = ("train", "test")
+
+
+def check_whole_dataset_split(path: Path, split: str, split_key: str) -> None:
+    """A dataset saved without splits has none to choose: a split named other than the defaults would
+    silently read the same rows as every other split (the training rows evaluated as held-out ones)."""
+    if split not in WHOLE_DATASET_SPLITS:
+        raise DataError(f"{split_key}: {path} is one dataset saved without splits (Dataset.save_to_disk), so it "
+                        f"has no split '{split}'; leave {split_key} unset to use it whole, or save a DatasetDict")
+
+
+def load_folder(path: Path, split: str, what: str, split_key: str | None = None):
     """A folder written by `save_to_disk` (one dataset, or a DatasetDict whose `split` is taken), or a folder
-    of data files laid out like a hub dataset's repository (e.g. a local copy: data/train-*.parquet)."""
+    of data files laid out like a hub dataset's repository (e.g. a local copy: data/train-*.parquet).
+    `split_key` is the config key that chose `split` (default `what`)."""
     import datasets
 
     try:
@@ -100,6 +113,7 @@ def load_folder(path: Path, split: str, what: str):
                 raise DataError(f"{what}: {path}: no split '{split}' (splits: {', '.join(saved)})")
             return saved[split]
         if (path / "state.json").exists():
+            check_whole_dataset_split(path, split, split_key or what)
             return datasets.load_from_disk(str(path))
         return datasets.load_dataset(str(path), split=split)
     except DataError:
@@ -109,7 +123,7 @@ def load_folder(path: Path, split: str, what: str):
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
-def load_dataset_any(source: str, split: str, what: str):
+def load_dataset_any(source: str, split: str, what: str, split_key: str | None = None):
     """A `datasets.Dataset` from a local JSONL/JSON/parquet/CSV file, a dataset folder, or a hub dataset name."""
     import datasets
 
@@ -118,7 +132,7 @@ def load_dataset_any(source: str, split: str, what: str):
         if not path.exists():
             raise DataError(f"{what}: data file not found: {path}")
         if path.is_dir():
-            return load_folder(path, split, what)
+            return load_folder(path, split, what, split_key)
         fmt = LOCAL_FORMATS.get(path.suffix)
         if fmt is None:
             raise DataError(f"{what}: {path}: unsupported format; use one of {', '.join(LOCAL_FORMATS)}")
@@ -204,7 +218,8 @@ def load_rows(
             raise DataError(f"{data_key(what, split)}: no training data configured")
         return None
     path = resolve_source(source, data_dir)
-    ds = load_dataset_any(path, data.split if split == "train" else data.eval_split, data_key(what, split))
+    ds = load_dataset_any(path, data.split if split == "train" else data.eval_split, data_key(what, split),
+                          split_key(what, split))
     renames = {theirs: ours for ours, theirs in data.columns.items() if theirs in ds.column_names and theirs != ours}
     # `{prompt: question}` names the column the user wants as the prompt; a column already called `prompt` is
     # the one they chose not to use (a hub dataset's they cannot drop themselves), so it goes, as in `renamed`
@@ -226,6 +241,12 @@ def data_key(what: str, split: str) -> str:
     """The config key that names a data source: a stage's `<stage>.data.<split>`, or a key given whole
     (`eval.prompts`, `eval.fluency_text`)."""
     return what if "." in what else f"{what}.data.{split}"
+
+
+def split_key(what: str, split: str) -> str:
+    """The config key that chooses the split read from a source: a stage's `<stage>.data.split` or
+    `<stage>.data.eval_split`, or a key given whole (`eval.prompts`)."""
+    return what if "." in what else f"{what}.data.{'split' if split == 'train' else 'eval_split'}"
 
 
 def check_first_row(data: DataSection, stage: str, what: str) -> None:

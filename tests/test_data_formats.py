@@ -347,3 +347,20 @@ def test_a_column_renamed_onto_one_that_exists_takes_its_place(tmp_path):
         check_first_row(DataSection(train=str(path), columns={"prompt": "question"}), "sft", "sft")
     with pytest.raises(DataError, match=r"row 1: field 'prompt' is an empty string"):
         load(path, columns={"prompt": "question"})
+
+
+def test_a_dataset_saved_without_splits_has_no_split_to_choose(tmp_path):
+    import datasets
+
+    rows = [{"chosen": "good", "rejected": "bad"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
+    assert load(tmp_path / "single", "reward").rows.to_list() == rows  # the default split takes it whole
+    with pytest.raises(DataError, match=r"^reward\.data\.split: .*single is one dataset saved without splits "
+                                        r"\(Dataset\.save_to_disk\), so it has no split 'train_prefs'; leave "
+                                        r"reward\.data\.split unset"):
+        load(tmp_path / "single", "reward", split="train_prefs")
+    from pipeline.data import load_stage_rows
+
+    data = DataSection(train=str(tmp_path / "single"), eval=str(tmp_path / "single"), eval_split="test_prefs")
+    with pytest.raises(DataError, match=r"^reward\.data\.eval_split: .*no split 'test_prefs'"):
+        load_stage_rows(data, "reward", split="eval", data_dir=Path("."), what="reward")
