@@ -100,10 +100,11 @@ def check_whole_dataset_split(path: Path, split: str, split_key: str) -> None:
                         f"has no split '{split}'; leave {split_key} unset to use it whole, or save a DatasetDict")
 
 
-def load_folder(path: Path, split: str, what: str, split_key: str | None = None):
+def load_folder(path: Path, split: str, what: str, split_key: str | None = None, streaming: bool = False):
     """A folder written by `save_to_disk` (one dataset, or a DatasetDict whose `split` is taken), or a folder
-    of data files laid out like a hub dataset's repository (e.g. a local copy: data/train-*.parquet).
-    `split_key` is the config key that chose `split` (default `what`)."""
+    of data files laid out like a hub dataset's repository (e.g. a local copy: data/train-*.parquet), then
+    streamed when `streaming` (its rows read as iterated, nothing cached). `split_key` is the config key that
+    chose `split` (default `what`)."""
     import datasets
 
     try:
@@ -115,7 +116,7 @@ def load_folder(path: Path, split: str, what: str, split_key: str | None = None)
         if (path / "state.json").exists():
             check_whole_dataset_split(path, split, split_key or what)
             return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(str(path), split=split)
+        return datasets.load_dataset(str(path), split=split, streaming=streaming)
     except DataError:
         raise
     except Exception as err:  # datasets raises several types for a folder it cannot read
@@ -251,21 +252,38 @@ def split_key(what: str, split: str) -> str:
 
 def check_first_row(data: DataSection, stage: str, what: str) -> None:
     """Before anything is written or launched: each local data file of a stage is UTF-8 text (JSONL, JSON,
-    CSV) and its first row fits one of the stage's formats (the stage itself checks every row before
-    training). Folders, hub names and the demo's splits are left to the stage."""
+    CSV), each dataset folder has the split the stage reads, and the first row fits one of the stage's formats
+    (the stage itself checks every row before training). Hub names and the demo's splits are left to the stage."""
     for split in ("train", "eval"):
         source = data.train if split == "train" else data.eval
-        if not source or source.startswith(movie_reviews.PREFIX) or Path(source).suffix not in LOCAL_FORMATS:
+        if not source or source.startswith(movie_reviews.PREFIX):
             continue
         path = Path(source).expanduser()
-        if not path.is_file():
-            continue  # preflight names a missing file
-        key = f"{data_key(what, split)}: {path}"
-        first = first_row(path, key)
+        if path.is_dir():
+            first = first_row_of_folder(path, data.split if split == "train" else data.eval_split,
+                                        data_key(what, split), split_key(what, split))
+        elif path.suffix in LOCAL_FORMATS and path.is_file():  # preflight names a missing file
+            first = first_row(path, f"{data_key(what, split)}: {path}")
+        else:
+            continue
         if first is None:
             continue  # a JSON document this check does not parse alone: the stage reads it whole
         row = renamed(first, data.columns)
         schemas.normalise(stage, row_format(data, stage, row, str(path), what), [row], str(path))
+
+
+def first_row_of_folder(path: Path, split: str, what: str, split_key: str) -> dict[str, Any]:
+    """The first row of the split a stage reads from a dataset folder, its split checked as the stage checks it;
+    nothing else is read (a saved dataset is memory-mapped, a folder of data files streamed)."""
+    ds = load_folder(path, split, what, split_key, streaming=True)
+    try:
+        first = next(iter(ds), None)
+    except Exception as err:  # a streamed data file is parsed only now
+        raise DataError(f"{what}: {path}: cannot be read as a dataset folder, split '{split}' "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if first is None:
+        raise DataError(f"{what}: {path}: split '{split}' has no rows")
+    return first
 
 
 def check_utf8(path: Path, key: str) -> None:

@@ -364,3 +364,30 @@ def test_a_dataset_saved_without_splits_has_no_split_to_choose(tmp_path):
     data = DataSection(train=str(tmp_path / "single"), eval=str(tmp_path / "single"), eval_split="test_prefs")
     with pytest.raises(DataError, match=r"^reward\.data\.eval_split: .*no split 'test_prefs'"):
         load_stage_rows(data, "reward", split="eval", data_dir=Path("."), what="reward")
+
+
+def test_dataset_folders_are_checked_before_launch(tmp_path):
+    import datasets
+    from pipeline.data import check_first_row
+
+    pairs = datasets.Dataset.from_list([{"chosen": "good", "rejected": "bad"}])
+    datasets.DatasetDict({"train_prefs": pairs, "test_prefs": pairs}).save_to_disk(str(tmp_path / "dict"))
+    pairs.save_to_disk(str(tmp_path / "single"))
+    hub = standins.write_hub_folder(tmp_path / "hub", {"train": [{"chosen": "good", "good": "x"}]})
+
+    def check(source, **kw):
+        check_first_row(DataSection(train=str(source), **kw), "reward", "reward")
+
+    check(tmp_path / "dict", split="train_prefs")
+    check(tmp_path / "single")
+    with pytest.raises(DataError, match=r"^reward\.data\.train: .*dict: no split 'train' \(splits: train_prefs, "
+                                        r"test_prefs\)$"):
+        check(tmp_path / "dict")
+    with pytest.raises(DataError, match=r"^reward\.data\.split: .*single is one dataset saved without splits"):
+        check(tmp_path / "single", split="train_prefs")
+    with pytest.raises(DataError, match=r"hub: row 1: field 'rejected' is missing"):
+        check(hub)
+    with pytest.raises(DataError, match=r"^reward\.data\.train: .*hub: cannot be read as a dataset folder, split "
+                                        r"'train_prefs'"):
+        check(hub, split="train_prefs")
+    assert sorted(p.name for p in hub.rglob("*")) == ["data", "train-00000-of-00001.parquet"]  # nothing cached
