@@ -11,6 +11,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -77,7 +78,7 @@ def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
 
 def _bad_json_line(path: Path) -> str | None:
     """`line N: ...` for the first line of a JSONL file that is not a JSON object, or None."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         try:
             for number, row in json_lines(f):
                 if not isinstance(row, dict):
@@ -87,9 +88,23 @@ def _bad_json_line(path: Path) -> str | None:
     return None
 
 
-def load_folder(path: Path, split: str, what: str):
+# The defaults of `data.split` and `data.eval_split`: a dataset saved without splits is taken whole for them.
+WHOLE_DATASET_SPLITS = ("train", "test")
+
+
+def check_whole_dataset_split(path: Path, split: str, split_key: str) -> None:
+    """A dataset saved without splits has none to choose: a split named other than the defaults would
+    silently read the same rows as every other split (the training rows evaluated as held-out ones)."""
+    if split not in WHOLE_DATASET_SPLITS:
+        raise DataError(f"{split_key}: {path} is one dataset saved without splits (Dataset.save_to_disk), so it "
+                        f"has no split '{split}'; leave {split_key} unset to use it whole, or save a DatasetDict")
+
+
+def load_folder(path: Path, split: str, what: str, split_key: str | None = None, streaming: bool = False):
     """A folder written by `save_to_disk` (one dataset, or a DatasetDict whose `split` is taken), or a folder
-    of data files laid out like a hub dataset's repository (e.g. a local copy: data/train-*.parquet)."""
+    of data files laid out like a hub dataset's repository (e.g. a local copy: data/train-*.parquet), then
+    streamed when `streaming` (its rows read as iterated, nothing cached). `split_key` is the config key that
+    chose `split` (default `what`)."""
     import datasets
 
     try:
@@ -99,8 +114,9 @@ def load_folder(path: Path, split: str, what: str):
                 raise DataError(f"{what}: {path}: no split '{split}' (splits: {', '.join(saved)})")
             return saved[split]
         if (path / "state.json").exists():
+            check_whole_dataset_split(path, split, split_key or what)
             return datasets.load_from_disk(str(path))
-        return datasets.load_dataset(str(path), split=split)
+        return datasets.load_dataset(str(path), split=split, streaming=streaming)
     except DataError:
         raise
     except Exception as err:  # datasets raises several types for a folder it cannot read
@@ -108,7 +124,7 @@ def load_folder(path: Path, split: str, what: str):
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
-def load_dataset_any(source: str, split: str, what: str):
+def load_dataset_any(source: str, split: str, what: str, split_key: str | None = None):
     """A `datasets.Dataset` from a local JSONL/JSON/parquet/CSV file, a dataset folder, or a hub dataset name."""
     import datasets
 
@@ -117,14 +133,15 @@ def load_dataset_any(source: str, split: str, what: str):
         if not path.exists():
             raise DataError(f"{what}: data file not found: {path}")
         if path.is_dir():
-            return load_folder(path, split, what)
+            return load_folder(path, split, what, split_key)
         fmt = LOCAL_FORMATS.get(path.suffix)
         if fmt is None:
             raise DataError(f"{what}: {path}: unsupported format; use one of {', '.join(LOCAL_FORMATS)}")
         if fmt != "parquet" and _is_blank(path):
             raise DataError(f"{what}: {path}: file is empty")
         try:
-            return datasets.load_dataset(fmt, data_files=str(path), split="train")
+            as_text = {"features": csv_text_features(path)} if fmt == "csv" else {}
+            return datasets.load_dataset(fmt, data_files=str(path), split="train", **as_text)
         except Exception as err:  # datasets wraps parse errors in several types
             where = _bad_json_line(path) if path.suffix == ".jsonl" else None
             raise DataError(f"{what}: {path}: " + (where or f"cannot be read as {fmt} ({type(err).__name__}: "
@@ -136,6 +153,15 @@ def load_dataset_any(source: str, split: str, what: str):
     except Exception as err:
         raise DataError(f"{what}: cannot load hub dataset '{source}' split '{split}': "
                         f"{str(err).splitlines()[0][:200]}") from None
+
+
+def csv_text_features(path: Path):
+    """Every column of a CSV file typed as text: a CSV cell has no type, and a completion "4" is the text 4,
+    which pandas would otherwise read as a number that no field accepts."""
+    import datasets
+    import pandas
+
+    return datasets.Features({name: datasets.Value("string") for name in pandas.read_csv(path, nrows=0).columns})
 
 
 def _check_value(value: Any, field: str) -> str | None:
@@ -193,8 +219,14 @@ def load_rows(
             raise DataError(f"{data_key(what, split)}: no training data configured")
         return None
     path = resolve_source(source, data_dir)
-    ds = load_dataset_any(path, data.split if split == "train" else data.eval_split, data_key(what, split))
+    ds = load_dataset_any(path, data.split if split == "train" else data.eval_split, data_key(what, split),
+                          split_key(what, split))
     renames = {theirs: ours for ours, theirs in data.columns.items() if theirs in ds.column_names and theirs != ours}
+    # `{prompt: question}` names the column the user wants as the prompt; a column already called `prompt` is
+    # the one they chose not to use (a hub dataset's they cannot drop themselves), so it goes, as in `renamed`
+    shadowed = [ours for ours in renames.values() if ours in ds.column_names and ours not in renames]
+    if shadowed:
+        ds = ds.remove_columns(shadowed)
     if renames:
         ds = ds.rename_columns(renames)
     if split == "train" and data.max_samples is not None:
@@ -212,24 +244,46 @@ def data_key(what: str, split: str) -> str:
     return what if "." in what else f"{what}.data.{split}"
 
 
+def split_key(what: str, split: str) -> str:
+    """The config key that chooses the split read from a source: a stage's `<stage>.data.split` or
+    `<stage>.data.eval_split`, or a key given whole (`eval.prompts`)."""
+    return what if "." in what else f"{what}.data.{'split' if split == 'train' else 'eval_split'}"
+
+
 def check_first_row(data: DataSection, stage: str, what: str) -> None:
     """Before anything is written or launched: each local data file of a stage is UTF-8 text (JSONL, JSON,
-    CSV) and its first row fits one of the stage's formats (the stage itself checks every row before
-    training). Folders, hub names and the demo's splits are left to the stage."""
+    CSV), each dataset folder has the split the stage reads, and the first row fits one of the stage's formats
+    (the stage itself checks every row before training). Hub names and the demo's splits are left to the stage."""
     for split in ("train", "eval"):
         source = data.train if split == "train" else data.eval
-        if not source or source.startswith(movie_reviews.PREFIX) or Path(source).suffix not in LOCAL_FORMATS:
+        if not source or source.startswith(movie_reviews.PREFIX):
             continue
         path = Path(source).expanduser()
-        if not path.is_file():
-            continue  # preflight names a missing file
-        key = f"{data_key(what, split)}: {path}"
-        first = first_row(path, key)
+        if path.is_dir():
+            first = first_row_of_folder(path, data.split if split == "train" else data.eval_split,
+                                        data_key(what, split), split_key(what, split))
+        elif path.suffix in LOCAL_FORMATS and path.is_file():  # preflight names a missing file
+            first = first_row(path, f"{data_key(what, split)}: {path}")
+        else:
+            continue
         if first is None:
             continue  # a JSON document this check does not parse alone: the stage reads it whole
-        renamed = {ours: first[theirs] for ours, theirs in data.columns.items() if theirs in first}
-        row = {**{k: v for k, v in first.items() if k not in data.columns.values()}, **renamed}
+        row = renamed(first, data.columns)
         schemas.normalise(stage, row_format(data, stage, row, str(path), what), [row], str(path))
+
+
+def first_row_of_folder(path: Path, split: str, what: str, split_key: str) -> dict[str, Any]:
+    """The first row of the split a stage reads from a dataset folder, its split checked as the stage checks it;
+    nothing else is read (a saved dataset is memory-mapped, a folder of data files streamed)."""
+    ds = load_folder(path, split, what, split_key, streaming=True)
+    try:
+        first = next(iter(ds), None)
+    except Exception as err:  # a streamed data file is parsed only now
+        raise DataError(f"{what}: {path}: cannot be read as a dataset folder, split '{split}' "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if first is None:
+        raise DataError(f"{what}: {path}: split '{split}' has no rows")
+    return first
 
 
 def check_utf8(path: Path, key: str) -> None:
@@ -252,7 +306,8 @@ def check_utf8(path: Path, key: str) -> None:
 
 
 def first_row(path: Path, key: str) -> dict[str, Any] | None:
-    """The first row of a local data file as the stage will load it; None for a multi-line JSON document."""
+    """The first row of a local data file as the stage will load it; None for a JSON document that is not an
+    array or JSON lines (an indented object: the stage reads it whole)."""
     if path.suffix != ".parquet":
         check_utf8(path, key)
         if _is_blank(path):
@@ -272,16 +327,19 @@ def first_row(path: Path, key: str) -> dict[str, Any] | None:
         import pandas  # what `datasets` reads CSV with, so the values have the types the stage sees
 
         try:
-            head = pandas.read_csv(path, nrows=1)
+            head = pandas.read_csv(path, nrows=1, dtype=str)  # as the stage reads it (csv_text_features)
         except Exception as err:
             raise DataError(f"{key}: cannot be read as CSV ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]})") from None
         if head.empty:
             raise DataError(f"{key}: file has a header but no rows")
         return {k: (None if pandas.isna(v) else v) for k, v in head.to_dict("records")[0].items()}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is skipped, as datasets skips it
         if path.suffix == ".json" and f.read(1 << 12).lstrip().startswith("["):
-            return None  # one JSON array: the stage reads it whole
+            f.seek(0)
+            first = first_of_array(f, key)
+            # datasets reads an array of strings as rows of `text`
+            return {"text": first} if isinstance(first, str) else _json_object(first, key)
         f.seek(0)
         try:
             first = next((row for _, row in json_lines(f)), None)
@@ -289,9 +347,31 @@ def first_row(path: Path, key: str) -> dict[str, Any] | None:
             if path.suffix == ".json":
                 return None  # an indented JSON document, not JSON lines
             raise DataError(f"{key}: {bad}") from None
-    if not isinstance(first, dict):
+    return _json_object(first, key)
+
+
+def _json_object(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
         raise DataError(f"{key}: line 1: expected a JSON object")
-    return first
+    return value
+
+
+def first_of_array(f, key: str) -> Any:
+    """The first element of the JSON array a text file holds, read only as far as that element's end (a large
+    file is not read whole: the decoder is retried on a longer prefix until the element is complete)."""
+    decoder = json.JSONDecoder()
+    text = f.read(1 << 16).lstrip()[1:]  # after the '['
+    while True:
+        start = len(text) - len(text.lstrip())
+        if text[start:start + 1] == "]":
+            raise DataError(f"{key}: the JSON array has no rows")
+        try:
+            return decoder.raw_decode(text, start)[0]
+        except json.JSONDecodeError as err:
+            more = f.read(1 << 20)
+            if not more:
+                raise DataError(f"{key}: not valid JSON ({err.msg} in the array's first element)") from None
+            text += more
 
 
 def row_format(data: DataSection, stage: str, first_row: dict[str, Any], where: str, what: str) -> str:
@@ -328,5 +408,35 @@ def load_stage_rows(data: DataSection, stage: str, *, split: str, data_dir: Path
     if missing:
         raise DataError(f"{where}: row 1: field '{missing[0]}' is missing (format '{fmt}'; columns: "
                         f"{', '.join(ds.column_names)})")
-    rows = schemas.normalise(stage, fmt, ds.select_columns(keep), where)
-    return StageRows(datasets.Dataset.from_list(rows), fmt, where)
+    rows = ds.select_columns(keep)
+    if mixed_columns(ds, keep) and Path(where).suffix in (".json", ".jsonl") and Path(where).is_file():
+        # datasets keeps a column whose rows mix types as JSON text and decodes back any string that parses
+        # as JSON ("4" becomes 4, "null" None); the file's own values name the row that really differs
+        rows = [{c: row.get(c) for c in keep} for row in islice(json_file_rows(Path(where), data.columns), len(ds))]
+    return StageRows(datasets.Dataset.from_list(schemas.normalise(stage, fmt, rows, where)), fmt, where)
+
+
+def mixed_columns(ds, names: list[str]) -> list[str]:
+    """The columns among `names` that datasets typed as JSON because their rows hold values of several types."""
+    import datasets
+
+    json_type = getattr(datasets, "Json", None)  # datasets >= 5
+    return [n for n in names if json_type is not None and isinstance(ds.features[n], json_type)]
+
+
+def json_file_rows(path: Path, columns: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """The rows of a JSON lines or JSON array file as the json module reads them, renamed by `columns`."""
+    with open(path, encoding="utf-8-sig") as f:
+        if f.read(1 << 12).lstrip().startswith("["):
+            f.seek(0)
+            rows = ({"text": v} if isinstance(v, str) else v for v in json.load(f))  # as datasets reads strings
+        else:
+            f.seek(0)
+            rows = (row for _, row in json_lines(f))
+        yield from (renamed(row, columns) for row in rows)
+
+
+def renamed(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """A row with the dataset's column names replaced by the stage's (`data.columns`, ours -> theirs)."""
+    theirs = {t: o for o, t in columns.items() if t in row}
+    return {**{k: v for k, v in row.items() if k not in theirs}, **{o: row[t] for t, o in theirs.items()}}

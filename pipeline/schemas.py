@@ -219,6 +219,18 @@ def prompt_row(fmt: str, row: dict[str, Any]) -> dict[str, Any]:
 ROW = {"pretrain": sft_row, "sft": sft_row, "reward": reward_row, "ppo": prompt_row}
 
 
+def shape_name(value: Any) -> str:
+    return "a list of turns" if is_turns(value) else "a string"
+
+
+def check_same_shapes(row: dict[str, Any], first: dict[str, Any]) -> None:
+    """Each field of a checked row is a string where row 1's is, and turns where row 1's are: the rows become one
+    table, whose columns hold one type each."""
+    for field, value in row.items():
+        if field in first and is_turns(value) != is_turns(first[field]):
+            raise RowProblem(field, f"is {shape_name(value)} but row 1's is {shape_name(first[field])}")
+
+
 def normalise(stage: str, fmt: str, rows, where: str):
     """Every row checked and put in the stage's form; the first bad one raises DataError naming `where` and its row."""
     to_row = ROW[stage]
@@ -226,6 +238,7 @@ def normalise(stage: str, fmt: str, rows, where: str):
     for i, row in enumerate(rows):
         try:
             out.append(to_row(fmt, row))
+            check_same_shapes(out[-1], out[0])
         except RowProblem as problem:
             raise DataError(f"{where}: row {i + 1}: {problem} (format '{fmt}')") from None
     return out

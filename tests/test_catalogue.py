@@ -78,6 +78,14 @@ def small_models(stack: ExitStack) -> None:
         Path(folder, "model.safetensors").write_bytes(b"")
 
 
+def preference_splits(name: str) -> None:
+    """A DatasetDict saved with save_to_disk whose splits are train_prefs and test_prefs (no `train`)."""
+    import datasets
+
+    pairs = datasets.Dataset.from_list([{"chosen": "good", "rejected": "bad"}])
+    datasets.DatasetDict({"train_prefs": pairs, "test_prefs": pairs}).save_to_disk(name)
+
+
 def model_dir(name: str, config: str, tokenizer: bool) -> Callable[[ExitStack], None]:
     """A model dir with this config.json text, (unread) safetensors weights, and a tokenizer or none."""
     def make(stack: ExitStack) -> None:
@@ -257,6 +265,14 @@ CASES = [
     Case("reward-parquet-column-missing", "run tiny.yaml --run-dir new reward.data.train=pairs.parquet",
          "pairs.parquet: row 1: no reward format fits the fields (prompt, good, bad); expected `chosen` + "
          "`rejected` (with an optional `prompt`) (rename with reward.data.columns)", make=lambda _: parquet_pairs("pairs.parquet")),
+    Case("reward-folder-split-missing", "run tiny.yaml --run-dir new reward.data.train=prefs",
+         "reward.data.train: prefs: no split 'train' (splits: train_prefs, test_prefs)",
+         make=lambda _: preference_splits("prefs")),
+    Case("reward-folder-without-splits", "run tiny.yaml --run-dir new reward.data.train=prefs/train_prefs "
+         "reward.data.split=train_prefs",
+         "reward.data.split: prefs/train_prefs is one dataset saved without splits (Dataset.save_to_disk), so it "
+         "has no split 'train_prefs'; leave reward.data.split unset to use it whole, or save a DatasetDict",
+         make=lambda _: preference_splits("prefs")),
     Case("eval-prompts-missing", "run demo.yaml --run-dir new eval.prompts=/nope/e.jsonl",
          "eval.prompts: data file not found: /nope/e.jsonl"),
     Case("model-path-missing", "run demo.yaml --run-dir new sft.input=/nope/model",

@@ -76,6 +76,15 @@ def test_prompt_rows():
     ("ppo", [{"prompt": [{"role": "user", "content": "q"}]}, {"prompt": [{"role": "user"}]}],
      "row 2: field 'prompt' turn 1 has no role/content"),
     ("ppo", [{"question": "q"}], "row 1: no ppo format fits the fields (question); expected `prompt` or `messages`"),
+    ("sft", [{"prompt": "Hi there", "completion": "Hello."}] * 3
+     + [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]}],
+     "row 4: field 'prompt' is a list of turns but row 1's is a string (format 'prompt_completion')"),
+    ("reward", [{"prompt": "Hi there", "chosen": "Hello.", "rejected": "Go."}] * 3
+     + [{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Yo"}],
+         "rejected": [{"role": "assistant", "content": "No"}]}],
+     "row 4: field 'prompt' is a list of turns but row 1's is a string (format 'preference')"),
+    ("ppo", [{"prompt": [{"role": "user", "content": "Hi"}]}, {"prompt": "Hi there"}],
+     "row 2: field 'prompt' is a string but row 1's is a list of turns (format 'prompt')"),
 ])
 def test_bad_row_names_file_row_and_field(tmp_path, stage, rows, message):
     path = standins.write_jsonl(tmp_path / "rows.jsonl", rows)
@@ -241,11 +250,144 @@ def test_first_row_reads_each_local_format_as_the_stage_will(tmp_path):
 
     (tmp_path / "rows.json").write_text('{"prompt": "a", "n": 1}\n{"prompt": "b", "n": 2}\n')  # JSON lines
     assert first_row(tmp_path / "rows.json", "k") == {"prompt": "a", "n": 1}
-    (tmp_path / "array.json").write_text('[{"prompt": "a"}]')
     (tmp_path / "doc.json").write_text('{\n  "prompt": "a"\n}\n')
-    assert first_row(tmp_path / "array.json", "k") is None and first_row(tmp_path / "doc.json", "k") is None
+    assert first_row(tmp_path / "doc.json", "k") is None
     (tmp_path / "rows.csv").write_text("prompt,completion,n\nhi,,3\n")  # an empty cell is missing, as datasets has it
-    assert first_row(tmp_path / "rows.csv", "k") == {"prompt": "hi", "completion": None, "n": 3}
+    assert first_row(tmp_path / "rows.csv", "k") == {"prompt": "hi", "completion": None, "n": "3"}
     (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a"}\n\n{"prompt": "\xff"}\n')
     with pytest.raises(DataError, match=r"^k: line 3: not UTF-8 text \(byte 0xff\)"):
         first_row(tmp_path / "bad.jsonl", "k")
+
+
+def test_first_row_of_a_json_array_is_its_first_element(tmp_path):
+    from pipeline.data import first_row
+
+    long = "x" * (3 << 16)  # the first element ends past the first read
+    (tmp_path / "array.json").write_text(f' [\n  {{"prompt": "{long}", "n": 1}},\n  {{"prompt": "b"}}\n]\n')
+    assert first_row(tmp_path / "array.json", "k") == {"prompt": long, "n": 1}
+    (tmp_path / "texts.json").write_text('["one", "two"]')  # datasets reads strings as rows of `text`
+    assert first_row(tmp_path / "texts.json", "k") == {"text": "one"}
+    for text, message in [("[]", "the JSON array has no rows"), ("[1, 2]", "line 1: expected a JSON object"),
+                          ('[{"prompt": "a",', "not valid JSON")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(DataError, match=f"^k: {message}"):
+            first_row(tmp_path / "bad.json", "k")
+
+
+def test_the_first_row_of_a_json_array_is_checked_before_launch(tmp_path):
+    from pipeline.data import check_first_row
+
+    (tmp_path / "sft.json").write_text(json.dumps([{"prompt": "Hi", "answer": "Yo"}]))
+    with pytest.raises(DataError, match=r"sft\.json: row 1: field 'completion' is missing"):
+        check_first_row(DataSection(train=str(tmp_path / "sft.json")), "sft", "sft")
+
+
+@pytest.mark.parametrize("name, text", [("rows.jsonl", '{"prompt": "Hi", "completion": "Yo"}\n'),
+                                        ("rows.json", '[{"prompt": "Hi", "completion": "Yo"}]'),
+                                        ("rows.csv", "prompt,completion\nHi,Yo\n")])
+def test_a_byte_order_mark_is_read_past_as_the_stage_reads_past_it(tmp_path, name, text):
+    from pipeline.data import check_first_row, first_row
+
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert first_row(path, "k") == {"prompt": "Hi", "completion": "Yo"}
+    check_first_row(DataSection(train=str(path)), "sft", "sft")
+    assert load(path).rows.to_list() == [{"prompt": "Hi", "completion": "Yo"}]
+    path.write_bytes(b"\xef\xbb\xbf" + text.rstrip().encode() + b"\n\xff\n")  # the UTF-8 check still reads past the mark
+    line = text.rstrip().count("\n") + 2
+    with pytest.raises(DataError, match=rf"^k: line {line}: not UTF-8 text \(byte 0xff\)"):
+        first_row(path, "k")
+
+
+def test_a_csv_cell_is_text_even_when_it_looks_like_a_number(tmp_path):
+    from pipeline.data import check_first_row, first_row
+
+    path = tmp_path / "sums.csv"
+    path.write_text('prompt,completion\n"What is 2+2?","4"\n"And 0.5+0.5?",1.0\n')
+    assert first_row(path, "k") == {"prompt": "What is 2+2?", "completion": "4"}
+    check_first_row(DataSection(train=str(path)), "sft", "sft")
+    assert load(path).rows.to_list() == [{"prompt": "What is 2+2?", "completion": "4"},
+                                         {"prompt": "And 0.5+0.5?", "completion": "1.0"}]
+
+
+TURNS = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yo"}]}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"prompt": "What is 2+2?", "completion": "4"}, {"prompt": "a", "completion": "b"},
+      {"prompt": "3+3", "completion": 6}], "row 3: field 'completion' must be a string or a list of turns, got int"),
+    ([{"prompt": "What is 2+2?", "completion": "4"}, TURNS], "row 2: field 'prompt' is a list of turns but row 1's is"),
+])
+def test_a_json_field_that_mixes_types_is_named_at_the_row_that_differs(tmp_path, rows, message):
+    for path in (standins.write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "rows.json"):
+        path.write_text(json.dumps(rows)) if path.suffix == ".json" else None
+        with pytest.raises(DataError, match=f"^{path}: {message}"):
+            load(path)
+
+
+def test_rows_before_a_mixed_row_keep_their_text_when_it_is_past_max_samples(tmp_path):
+    rows = [{"prompt": "What is 2+2?", "answer": "4"}, {"prompt": "And 1+1?", "answer": "null"},
+            {"prompt": "3+3", "answer": 6}]  # datasets types `answer` as JSON and reads "4" back as 4
+    path = standins.write_jsonl(tmp_path / "rows.jsonl", rows)
+    got = load(path, max_samples=2, columns={"completion": "answer"})
+    assert got.rows.to_list() == [{"prompt": "What is 2+2?", "completion": "4"},
+                                  {"prompt": "And 1+1?", "completion": "null"}]
+
+
+def test_a_column_renamed_onto_one_that_exists_takes_its_place(tmp_path):
+    from pipeline.data import check_first_row
+
+    rows = [{"prompt": "not this", "question": "Q", "completion": "A"}]
+    path = standins.write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert load(path, columns={"prompt": "question"}).rows.to_list() == [{"prompt": "Q", "completion": "A"}]
+    swapped = load(path, columns={"prompt": "question", "question": "prompt"}).rows.to_list()
+    assert swapped == [{"prompt": "Q", "completion": "A"}]
+    standins.write_jsonl(path, [{"prompt": "fine", "question": " ", "completion": "A"}])  # the preflight agrees
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' is an empty string"):
+        check_first_row(DataSection(train=str(path), columns={"prompt": "question"}), "sft", "sft")
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' is an empty string"):
+        load(path, columns={"prompt": "question"})
+
+
+def test_a_dataset_saved_without_splits_has_no_split_to_choose(tmp_path):
+    import datasets
+
+    rows = [{"chosen": "good", "rejected": "bad"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
+    assert load(tmp_path / "single", "reward").rows.to_list() == rows  # the default split takes it whole
+    with pytest.raises(DataError, match=r"^reward\.data\.split: .*single is one dataset saved without splits "
+                                        r"\(Dataset\.save_to_disk\), so it has no split 'train_prefs'; leave "
+                                        r"reward\.data\.split unset"):
+        load(tmp_path / "single", "reward", split="train_prefs")
+    from pipeline.data import load_stage_rows
+
+    data = DataSection(train=str(tmp_path / "single"), eval=str(tmp_path / "single"), eval_split="test_prefs")
+    with pytest.raises(DataError, match=r"^reward\.data\.eval_split: .*no split 'test_prefs'"):
+        load_stage_rows(data, "reward", split="eval", data_dir=Path("."), what="reward")
+
+
+def test_dataset_folders_are_checked_before_launch(tmp_path):
+    import datasets
+    from pipeline.data import check_first_row
+
+    pairs = datasets.Dataset.from_list([{"chosen": "good", "rejected": "bad"}])
+    datasets.DatasetDict({"train_prefs": pairs, "test_prefs": pairs}).save_to_disk(str(tmp_path / "dict"))
+    pairs.save_to_disk(str(tmp_path / "single"))
+    hub = standins.write_hub_folder(tmp_path / "hub", {"train": [{"chosen": "good", "good": "x"}]})
+
+    def check(source, **kw):
+        check_first_row(DataSection(train=str(source), **kw), "reward", "reward")
+
+    check(tmp_path / "dict", split="train_prefs")
+    check(tmp_path / "single")
+    with pytest.raises(DataError, match=r"^reward\.data\.train: .*dict: no split 'train' \(splits: train_prefs, "
+                                        r"test_prefs\)$"):
+        check(tmp_path / "dict")
+    with pytest.raises(DataError, match=r"^reward\.data\.split: .*single is one dataset saved without splits"):
+        check(tmp_path / "single", split="train_prefs")
+    with pytest.raises(DataError, match=r"hub: row 1: field 'rejected' is missing"):
+        check(hub)
+    with pytest.raises(DataError, match=r"^reward\.data\.train: .*hub: cannot be read as a dataset folder, split "
+                                        r"'train_prefs'"):
+        check(hub, split="train_prefs")
+    assert sorted(p.name for p in hub.rglob("*")) == ["data", "train-00000-of-00001.parquet"]  # nothing cached
