@@ -77,12 +77,20 @@ def trained_example(row: dict[str, Any], tokenizer) -> dict[str, str]:
     return {"text": tokenizer.decode(ids), "trained": tokenizer.decode([t for t, lab in zip(ids, labels) if lab != -100])}
 
 
-def check_not_empty(trainer, max_length: int) -> None:
-    """TRL drops examples whose prompt alone fills max_length (nothing left to learn): refuse when all are gone."""
+def check_kept(trainer, given: dict[str, Any], cfg, is_main: bool) -> None:
+    """TRL drops examples whose prompt alone fills max_length (nothing left to learn) without a word: refuse
+    when all are gone, and say how many went otherwise. (Packed sequences do not count rows.)"""
     for split, rows in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
-        if rows is not None and len(rows) == 0:
-            raise UserError(f"sft.max_length: every {split} prompt fills max_length={max_length} tokens, "
+        if rows is None:
+            continue
+        if len(rows) == 0:
+            raise UserError(f"sft.max_length: every {split} prompt fills max_length={cfg.max_length} tokens, "
                             "leaving no completion to train on; raise sft.max_length")
+        dropped = len(given[split]) - len(rows)
+        if dropped > 0 and not cfg.packing and is_main:
+            print(f"[sft] warning: {dropped} of {len(given[split])} {split} rows left out: their prompt fills "
+                  f"sft.max_length={cfg.max_length} tokens, leaving no completion to train on; raise sft.max_length "
+                  "to keep them", flush=True)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -119,7 +127,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         peft_config=lora_config(cfg.lora, "causal_lm") if cfg.lora is not None else None,
         callbacks=checkpoint_callbacks(ctx),
     )
-    check_not_empty(trainer, cfg.max_length)
+    check_kept(trainer, {"train": train_pairs, "eval": eval_pairs}, cfg, ctx.is_main)
     ctx.extra_manifest["example"] = trained_example(trainer.train_dataset[0], tokenizer)
     run_training(trainer, resume)
 
@@ -128,7 +136,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics.update(train_metrics(trainer))
     if eval_pairs is not None:
         loss = trainer.evaluate()["eval_loss"]
-        metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss), eval_rows=len(eval_pairs))
+        evaluated = len(eval_pairs) if cfg.packing else len(trainer.eval_dataset)  # rows TRL kept, as evaluated
+        metrics.update(eval_loss=loss, eval_perplexity=perplexity(loss), eval_rows=evaluated)
     if cfg.lora is not None:
         save_final_lora(trainer, tokenizer, ctx, "causal_lm")
     else:

@@ -54,6 +54,7 @@ Security
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -139,6 +140,20 @@ def test_max_length_shorter_than_every_prompt_is_refused(run_dir, rlhf_here):
     refused(rlhf_here(*run_args(run_dir, "sft", "sft.max_length=4")), "sft.max_length", "every train prompt fills")
     assert not (run_dir / "sft" / "final").exists()
     assert_untouched(run_dir, before)
+
+
+def test_rows_whose_prompt_fills_max_length_are_counted_not_dropped_silently(run_dir, rlhf_here, tmp_path):
+    """TRL drops a row whose prompt leaves no room for its completion; the stage says how many, and its
+    eval_rows counts the rows evaluated, not the rows given."""
+    rows = [{"prompt": LONG, "completion": "fine"}] * 6 + [{"prompt": "Short one.", "completion": "fine"}] * 2
+    data = write_jsonl(tmp_path / "mostly_long.jsonl", rows)
+    result = rlhf_here(*run_args(run_dir, "sft", f"sft.data.train={data}", f"sft.data.eval={data}", "sft.max_steps=1"))
+    assert result.code == 0, result.output[-3000:]
+    for split in ("train", "eval"):
+        assert (f"[sft] warning: 6 of 8 {split} rows left out: their prompt fills sft.max_length=64 tokens, "
+                "leaving no completion to train on; raise sft.max_length to keep them") in result.output
+    metrics = json.loads((run_dir / "sft" / "final" / "manifest.json").read_text())["metrics"]
+    assert (metrics["train_rows"], metrics["train_sequences"], metrics["eval_rows"]) == (8, 2, 2)
 
 
 def test_prompts_filling_the_context_are_refused(run_dir, rlhf_here, tmp_path, pretrained):
