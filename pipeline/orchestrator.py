@@ -73,6 +73,24 @@ def restore_superseded(run_dir: RunDir, stage: str, moved: list[Path]) -> None:
           flush=True)
 
 
+def check_resume_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]) -> None:
+    """`rlhf run`, before config.yaml is written: the first selected stage that will run must not be about
+    to resume from a checkpoint of another config, so a command refused for that changes nothing (not even
+    the config `rlhf resume` reads). The same check `run_stages` makes before each launch; stages after the
+    first one that runs are checked there (their inputs are not made yet)."""
+    for stage in stages:
+        inputs = stage_inputs(cfg, stage, run_dir)  # every earlier selected stage is up to date: its manifest exists
+        fingerprint = stage_fingerprint(cfg, stage, inputs)
+        manifest = completed_final(run_dir, stage)
+        if manifest and manifest.get("config_hash") == fingerprint:
+            continue  # skipped
+        newest = None if manifest else resume_point(None, run_dir.stage_dir(stage))  # else: superseded ones move
+        if newest is not None:
+            check_resumable(newest, stage, fingerprint, semantic_stage_config(cfg, stage),
+                            cfg.stage_deepspeed(stage).world_size, force=False)
+        return
+
+
 def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_from: dict[str, Path] | None = None,
                force_resume: bool = False, node: int | None = None) -> None:
     """Launch each stage unless its final checkpoint is already up to date. Needs the run lock held.
@@ -157,6 +175,7 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
         return rd
     with RunLock(rd):
         check_run_dir_owner(rd, cfg)
+        check_resume_before_writing(cfg, rd, selected)
         atomic_write_text(rd.config_path, config_to_yaml(cfg))
         run_stages(cfg, rd, selected, node=node)
         if cfg.eval.enabled and completed_final(rd, "sft"):
