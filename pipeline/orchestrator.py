@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from pipeline import movie_reviews
-from pipeline.checkpoint import atomic_write_text, check_resumable, complete_checkpoints, resume_point
+from pipeline.checkpoint import (CHECKPOINT_MARKERS, atomic_write_text, check_resumable, complete_checkpoints,
+                                 read_json, resume_point)
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import (check_per_node, launcher_command, launcher_env, node_rank, release_shm, run_launcher,
@@ -43,32 +44,56 @@ def select_stages(cfg: PipelineConfig, stages: str | None, option: str = "--stag
     return [s for s in STAGE_ORDER if s in names]
 
 
-def supersede_checkpoints(run_dir: RunDir, stage: str, old_hash: str) -> list[Path]:
-    """A finished stage re-runs under a new config: keep its old periodic checkpoints, out of the way.
+def checkpoint_hash(path: Path) -> str | None:
+    """The config hash in a periodic checkpoint's marker (None: no readable marker)."""
+    marker = next((read_json(path / name) for name in CHECKPOINT_MARKERS if (path / name).exists()), None)
+    return marker.get("config_hash") if isinstance(marker, dict) else None
 
-    They belong to the previous config, so the new run must not resume from them (nor save over their
-    step numbers), and deleting them would lose good checkpoints; they move to
-    `<stage>/superseded/<old hash>/`. Returns where they went, for `restore_superseded`.
+
+def free_dir(parent: Path, name: str, entries: list[str]) -> Path:
+    """`parent/name`, else `name.2`, `name.3`, ...: the first that holds none of `entries`, so a move never
+    lands on a directory that is there already (an earlier supersede of the same config)."""
+    target, n = parent / name, 1
+    while any((target / entry).exists() for entry in entries):
+        n += 1
+        target = parent / f"{name}.{n}"
+    return target
+
+
+def supersede_checkpoints(run_dir: RunDir, stage: str, fingerprint: str) -> list[tuple[Path, Path]]:
+    """A finished stage re-runs under a new config: keep the periodic checkpoints of other configs, out of
+    the way.
+
+    They belong to another config, so the new run must not resume from them (nor save over their step
+    numbers), and deleting them would lose good checkpoints; each moves to `<stage>/superseded/<its config
+    hash>/`. Checkpoints of the current config (`fingerprint`: a rerun of this same config was killed) stay,
+    and the stage resumes from them. Returns (where each was, where it went), for `restore_superseded`.
     """
-    old = complete_checkpoints(run_dir.stage_dir(stage))
-    if not old:
-        return []
-    target = run_dir.stage_dir(stage) / "superseded" / old_hash
-    target.mkdir(parents=True, exist_ok=True)
-    for path in old:
-        os.replace(path, target / path.name)
-    print(f"[{stage}] config changed since the last finished run; its checkpoints moved to {target}", flush=True)
-    return [target / path.name for path in old]
+    stage_dir = run_dir.stage_dir(stage)
+    by_hash: dict[str, list[Path]] = {}
+    for path in complete_checkpoints(stage_dir):
+        old_hash = checkpoint_hash(path) or "unknown"
+        if old_hash != fingerprint:
+            by_hash.setdefault(old_hash, []).append(path)
+    moved = []
+    for old_hash, paths in by_hash.items():
+        target = free_dir(stage_dir / "superseded", old_hash, [p.name for p in paths])
+        target.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            os.replace(path, target / path.name)
+            moved.append((path, target / path.name))
+        print(f"[{stage}] config changed since the last finished run; its checkpoints moved to {target}", flush=True)
+    return moved
 
 
-def restore_superseded(run_dir: RunDir, stage: str, moved: list[Path]) -> None:
+def restore_superseded(run_dir: RunDir, stage: str, moved: list[tuple[Path, Path]]) -> None:
     """The new run failed before saving a checkpoint of its own: put the old ones back where they were, so a
     failed run leaves the stage as it found it. (Once it has saved one, they stay under superseded/.)"""
     stage_dir = run_dir.stage_dir(stage)
     if not moved or complete_checkpoints(stage_dir):
         return
-    for path in moved:
-        os.replace(path, stage_dir / path.name)
+    for original, path in moved:
+        os.replace(path, original)
     print(f"[{stage}] failed before saving a checkpoint; the earlier run's checkpoints are back in {stage_dir}",
           flush=True)
 
@@ -117,7 +142,7 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         preflight_launch(cfg, stage, inputs)
         moved = []
         if manifest and stage not in resume_from and not follower:
-            moved = supersede_checkpoints(run_dir, stage, manifest["config_hash"])
+            moved = supersede_checkpoints(run_dir, stage, fingerprint)
         resume_from_here = resume_point(resume_from.get(stage), run_dir.stage_dir(stage))
         if resume_from_here is not None:  # the stage will resume from it: refuse a wrong one before the launch
             check_resumable(resume_from_here, stage, fingerprint, semantic_stage_config(cfg, stage), ds.world_size,

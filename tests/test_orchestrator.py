@@ -97,3 +97,43 @@ def test_a_refused_run_leaves_config_yaml_so_resume_still_works(tmp_path):
         orchestrator.resume_pipeline(str(run_dir), "pretrain", None, False)  # the original config resumes
     assert [stage for stage, _ in launcher.launched] == ["pretrain"]
     assert marker_hash(run_dir / "pretrain" / "checkpoint-6") == marker_hash(run_dir / "pretrain" / "checkpoint-3")
+
+
+def checkpoints(stage_dir: Path) -> dict[str, str]:
+    return {p.name: marker_hash(p) for p in complete_checkpoints(stage_dir)}
+
+
+@pytest.mark.parametrize("steps", [[3], [2, 4]])
+def test_a_killed_rerun_under_a_new_config_resumes_from_its_own_checkpoints(tmp_path, steps):
+    """A finished stage re-runs under a new config, is killed after `steps`, and the same command runs again:
+    it resumes from its own checkpoints (none moved, nothing landing on superseded/<old hash>/checkpoint-3)."""
+    run_dir, new = tmp_path / "run", ["pretrain.lr=2e-3", f"pretrain.save_steps={steps[0]}"]
+    stage_dir = run_dir / "pretrain"
+    with pytest.MonkeyPatch.context() as mp:
+        Launcher(mp, ("finish", [3, 6]), ("kill", steps), ("finish", [6]))
+        run(run_dir)
+        old = checkpoints(stage_dir)
+        old_hash = old["checkpoint-3"]
+        with pytest.raises(Killed):
+            run(run_dir, *new)
+        own = checkpoints(stage_dir)
+        assert own and old_hash not in own.values()
+        seen = []
+        mp.setattr(orchestrator, "check_resumable", lambda path, *a, **k: seen.append(path.name))
+        run(run_dir, *new)
+    assert seen == [f"checkpoint-{steps[-1]}"]  # the launch resumed from the new config's newest checkpoint
+    assert checkpoints(stage_dir / "superseded" / old_hash) == old  # the finished run's, each under its own hash
+    assert json.loads((stage_dir / "final" / "manifest.json").read_text())["config_hash"] == own["checkpoint-" + str(steps[0])]
+
+
+def test_configs_that_alternate_keep_every_superseded_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    stage_dir = run_dir / "pretrain"
+    with pytest.MonkeyPatch.context() as mp:
+        Launcher(mp, *[("finish", [3, 6])] * 4)
+        for lr in ("1e-3", "2e-3", "1e-3", "2e-3"):
+            run(run_dir, f"pretrain.lr={lr}")
+    superseded = sorted(p.relative_to(stage_dir / "superseded").parent.as_posix()
+                        for p in (stage_dir / "superseded").glob("*/checkpoint-*"))
+    assert len(superseded) == 6 and len(set(superseded)) == 3  # <hash a>, <hash b>, <hash a>.2; two each
+    assert any(name.endswith(".2") for name in superseded)
