@@ -10,7 +10,9 @@ from the same manifests and starts only its own node's launcher for each stage t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -88,14 +90,26 @@ def supersede_checkpoints(run_dir: RunDir, stage: str, fingerprint: str) -> list
 
 def restore_superseded(run_dir: RunDir, stage: str, moved: list[tuple[Path, Path]]) -> None:
     """The new run failed before saving a checkpoint of its own: put the old ones back where they were, so a
-    failed run leaves the stage as it found it. (Once it has saved one, they stay under superseded/.)"""
+    failed run leaves the stage as it found it. (Once it has saved one, they stay under superseded/.)
+
+    A checkpoint-N the failed run left half-written (no marker) where an old one goes back is removed first.
+    Called while the run's failure propagates: it never raises, so that failure is the one shown."""
     stage_dir = run_dir.stage_dir(stage)
-    if not moved or complete_checkpoints(stage_dir):
-        return
-    for original, path in moved:
-        os.replace(path, original)
-    print(f"[{stage}] failed before saving a checkpoint; the earlier run's checkpoints are back in {stage_dir}",
-          flush=True)
+    try:
+        if not moved or complete_checkpoints(stage_dir):
+            return
+        for original, path in moved:
+            if original.exists():
+                shutil.rmtree(original)
+            os.replace(path, original)
+            with contextlib.suppress(OSError):  # superseded/<hash>/, once empty
+                path.parent.rmdir()
+                path.parent.parent.rmdir()
+        print(f"[{stage}] failed before saving a checkpoint; the earlier run's checkpoints are back in {stage_dir}",
+              flush=True)
+    except Exception as err:
+        print(f"[{stage}] warning: could not put the earlier run's checkpoints back from {stage_dir / 'superseded'} "
+              f"({err}); they are still there", flush=True)
 
 
 def check_resume_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline import orchestrator
 from pipeline.checkpoint import CHECKPOINT_MARKER, complete_checkpoints, make_manifest, now, write_json
-from pipeline.errors import UserError
+from pipeline.errors import StageFailed, UserError
 from pipeline.rundir import RunDir, load_run_config, semantic_stage_config, stage_fingerprint, stage_inputs
 from pipeline.tracking import MetricsFile, stage_run_id
 from tests.conftest import TINY
@@ -137,3 +137,17 @@ def test_configs_that_alternate_keep_every_superseded_checkpoint(tmp_path):
                         for p in (stage_dir / "superseded").glob("*/checkpoint-*"))
     assert len(superseded) == 6 and len(set(superseded)) == 3  # <hash a>, <hash b>, <hash a>.2; two each
     assert any(name.endswith(".2") for name in superseded)
+
+
+def test_a_rerun_that_dies_writing_its_first_checkpoint_shows_its_error_and_puts_the_old_ones_back(tmp_path):
+    run_dir = tmp_path / "run"
+    stage_dir = run_dir / "pretrain"
+    with pytest.MonkeyPatch.context() as mp:
+        Launcher(mp, ("finish", [3, 6]), ("half", [], 3))
+        run(run_dir)
+        old = checkpoints(stage_dir)
+        with pytest.raises(StageFailed, match="the real failure"):
+            run(run_dir, "pretrain.lr=2e-3")
+    assert checkpoints(stage_dir) == old  # back in place; the half-written checkpoint-3 is gone
+    assert (stage_dir / "checkpoint-3" / "weights").read_text() == old["checkpoint-3"]
+    assert not (stage_dir / "superseded").exists()
