@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import movie_reviews
 from pipeline.checkpoint import (CHECKPOINT_MARKERS, atomic_write_text, check_resumable, complete_checkpoints,
-                                 read_json, resume_point)
+                                 read_json, resume_point, write_json)
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import (check_per_node, launcher_command, launcher_env, node_rank, release_shm, run_launcher,
@@ -185,6 +185,18 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         print(f"[{stage}] done in {time.time() - started:.0f}s: {fmt_metrics(done.get('metrics', {}))}", flush=True)
 
 
+# The stages the last `rlhf run` selected (its --stages), so `rlhf resume` continues those and no others.
+SELECTED_STAGES = "stages.json"
+
+
+def recorded_stages(rd: RunDir, cfg: PipelineConfig) -> list[str]:
+    """The stages the last `rlhf run` in `rd` selected; every enabled stage in a run dir that has no record."""
+    recorded = read_json(rd.root / SELECTED_STAGES)
+    if isinstance(recorded, dict) and isinstance(recorded.get("stages"), list):
+        return [s for s in STAGE_ORDER if s in recorded["stages"]]
+    return cfg.enabled_stages()
+
+
 FOLLOW_TIMEOUT_S = 600.0
 
 
@@ -216,6 +228,7 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
         check_run_dir_owner(rd, cfg)
         check_resume_before_writing(cfg, rd, selected)
         atomic_write_text(rd.config_path, config_to_yaml(cfg))
+        write_json(rd.root / SELECTED_STAGES, {"stages": selected})
         run_stages(cfg, rd, selected, node=node)
         if cfg.eval.enabled and completed_final(rd, "sft"):
             from pipeline.evaluation.rundir import evaluate_after_pipeline  # imports torch only when evaluating
@@ -225,12 +238,13 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
 
 
 def resume_pipeline(run_dir: str, stage: str | None, from_path: str | None, force: bool) -> RunDir:
-    """Continue a run with the config it was started with: finished stages are skipped."""
+    """Continue a run with the config it was started with, and (without `stage`) the stages its last
+    `rlhf run` selected: finished stages are skipped."""
     rd = require_run_dir(Path(run_dir))
     cfg = load_run_config(rd)
     if from_path is not None and stage is None:
         raise UserError("--from needs --stage (which stage the checkpoint belongs to)")
-    stages = select_stages(cfg, stage, "--stage") if stage is not None else cfg.enabled_stages()
+    stages = select_stages(cfg, stage, "--stage") if stage is not None else recorded_stages(rd, cfg)
     resume_from = {}
     if from_path is not None:
         path = Path(from_path)

@@ -151,3 +151,14 @@ def test_a_rerun_that_dies_writing_its_first_checkpoint_shows_its_error_and_puts
     assert checkpoints(stage_dir) == old  # back in place; the half-written checkpoint-3 is gone
     assert (stage_dir / "checkpoint-3" / "weights").read_text() == old["checkpoint-3"]
     assert not (stage_dir / "superseded").exists()
+
+
+def test_resume_runs_only_the_stages_the_interrupted_command_selected(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        Launcher(mp, ("kill", [3]))
+        with pytest.raises(Killed):
+            run(run_dir, stages="pretrain")
+        launcher = Launcher(mp, ("finish", [6]))
+        orchestrator.resume_pipeline(str(run_dir), None, None, False)
+    assert [stage for stage, _ in launcher.launched] == ["pretrain"]  # not sft and reward after it
