@@ -28,6 +28,7 @@ from pipeline.preflight import (check_before_writing, check_run_dir_owner, prefl
 from pipeline.rundir import (RunDir, RunLock, completed_final, load_run_config, require_run_dir,
                              semantic_stage_config, stage_fingerprint, stage_inputs)
 from pipeline.status import fmt_metrics
+from pipeline.tracking import RUN_ID_FILE
 
 
 def default_run_dir(cfg: PipelineConfig) -> Path:
@@ -62,21 +63,44 @@ def free_dir(parent: Path, name: str, entries: list[str]) -> Path:
     return target
 
 
-def supersede_checkpoints(run_dir: RunDir, stage: str, fingerprint: str) -> list[tuple[Path, Path]]:
-    """A finished stage re-runs under a new config: keep the periodic checkpoints of other configs, out of
-    the way.
+# Which config a stage's metrics.jsonl and W&B run id belong to ({"config_hash": ...}), written before each
+# launch: when that config is superseded they move with its checkpoints, so the next config starts a W&B
+# run of its own and the old run's history is kept.
+ATTEMPT = "attempt.json"
+TRACKER_FILES = ("metrics.jsonl", RUN_ID_FILE, ATTEMPT)
 
-    They belong to another config, so the new run must not resume from them (nor save over their step
-    numbers), and deleting them would lose good checkpoints; each moves to `<stage>/superseded/<its config
-    hash>/`. Checkpoints of the current config (`fingerprint`: a rerun of this same config was killed) stay,
-    and the stage resumes from them. Returns (where each was, where it went), for `restore_superseded`.
+
+def tracker_owner(stage_dir: Path, finished_hash: str, fingerprint: str) -> str:
+    """The config hash the stage's tracker files belong to: its attempt.json's; in a run dir from before
+    that record, this config's if it saved checkpoints already (a killed rerun), else the finished run's."""
+    recorded = read_json(stage_dir / ATTEMPT)
+    if isinstance(recorded, dict) and recorded.get("config_hash"):
+        return recorded["config_hash"]
+    own = any(checkpoint_hash(p) == fingerprint for p in complete_checkpoints(stage_dir))
+    return fingerprint if own else finished_hash
+
+
+def supersede_checkpoints(run_dir: RunDir, stage: str, fingerprint: str, finished_hash: str) -> list[tuple[Path, Path]]:
+    """A finished stage (config hash `finished_hash`) re-runs under a new config: keep what other configs
+    left, out of the way.
+
+    Their periodic checkpoints must not be resumed (nor saved over) by the new run, and deleting them would
+    lose good checkpoints; each moves to `<stage>/superseded/<its config hash>/`, and so do the stage's
+    metrics.jsonl, wandb_run_id and attempt.json when they belong to another config (the new config logs a
+    W&B run of its own; the old history is kept). What belongs to the current config (`fingerprint`: a rerun
+    of it was killed) stays, and the stage resumes from it. Returns (where each was, where it went), for
+    `restore_superseded`.
     """
     stage_dir = run_dir.stage_dir(stage)
+    owner = tracker_owner(stage_dir, finished_hash, fingerprint)
     by_hash: dict[str, list[Path]] = {}
     for path in complete_checkpoints(stage_dir):
         old_hash = checkpoint_hash(path) or "unknown"
         if old_hash != fingerprint:
             by_hash.setdefault(old_hash, []).append(path)
+    tracker = [stage_dir / name for name in TRACKER_FILES if (stage_dir / name).exists()]
+    if owner != fingerprint and tracker:
+        by_hash.setdefault(owner, []).extend(tracker)
     moved = []
     for old_hash, paths in by_hash.items():
         target = free_dir(stage_dir / "superseded", old_hash, [p.name for p in paths])
@@ -84,23 +108,39 @@ def supersede_checkpoints(run_dir: RunDir, stage: str, fingerprint: str) -> list
         for path in paths:
             os.replace(path, target / path.name)
             moved.append((path, target / path.name))
-        print(f"[{stage}] config changed since the last finished run; its checkpoints moved to {target}", flush=True)
+        checkpoints = any(p.name.startswith("checkpoint-") for p in paths)
+        metrics = ", ".join(p.name for p in paths if p in tracker)  # metrics.jsonl, wandb_run_id, attempt.json
+        what = f"its checkpoints moved to {target}" + (f" (and {metrics})" if metrics else "") if checkpoints \
+            else f"{metrics} moved to {target}"
+        print(f"[{stage}] config changed since the last finished run; {what}", flush=True)
     return moved
 
 
-def restore_superseded(run_dir: RunDir, stage: str, moved: list[tuple[Path, Path]]) -> None:
-    """The new run failed before saving a checkpoint of its own: put the old ones back where they were, so a
-    failed run leaves the stage as it found it. (Once it has saved one, they stay under superseded/.)
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
-    A checkpoint-N the failed run left half-written (no marker) where an old one goes back is removed first.
-    Called while the run's failure propagates: it never raises, so that failure is the one shown."""
+
+def restore_superseded(run_dir: RunDir, stage: str, moved: list[tuple[Path, Path]]) -> None:
+    """The new run failed before saving a checkpoint of its own: put back what `supersede_checkpoints` moved
+    (checkpoints, metrics.jsonl, W&B run id), so a failed run leaves the stage as it found it. (Once it has
+    saved one, they stay under superseded/.)
+
+    A checkpoint-N the failed run left half-written (no marker) where an old one goes back is removed first,
+    and so are the tracker files of the failed attempt. Called while the run's failure propagates: it never
+    raises, so that failure is the one shown."""
     stage_dir = run_dir.stage_dir(stage)
     try:
         if not moved or complete_checkpoints(stage_dir):
             return
+        if any(original.name in TRACKER_FILES for original, _ in moved):
+            for name in TRACKER_FILES:  # the failed attempt's: the old run's go back, or none was there
+                (stage_dir / name).unlink(missing_ok=True)
         for original, path in moved:
             if original.exists():
-                shutil.rmtree(original)
+                remove(original)
             os.replace(path, original)
             with contextlib.suppress(OSError):  # superseded/<hash>/, once empty
                 path.parent.rmdir()
@@ -156,11 +196,13 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         preflight_launch(cfg, stage, inputs)
         moved = []
         if manifest and stage not in resume_from and not follower:
-            moved = supersede_checkpoints(run_dir, stage, fingerprint)
+            moved = supersede_checkpoints(run_dir, stage, fingerprint, manifest["config_hash"])
         resume_from_here = resume_point(resume_from.get(stage), run_dir.stage_dir(stage))
         if resume_from_here is not None:  # the stage will resume from it: refuse a wrong one before the launch
             check_resumable(resume_from_here, stage, fingerprint, semantic_stage_config(cfg, stage), ds.world_size,
                             force_resume)
+        if not follower:  # what the tracker files logged from here on belong to
+            write_json(run_dir.stage_dir(stage) / ATTEMPT, {"config_hash": fingerprint})
         extra = ["--resume-from", str(resume_from[stage])] if stage in resume_from else []
         extra += ["--force-resume"] if force_resume else []
         cmd = launcher_command(ds, run_dir.root, stage, extra, node)

@@ -162,3 +162,38 @@ def test_resume_runs_only_the_stages_the_interrupted_command_selected(tmp_path):
         launcher = Launcher(mp, ("finish", [6]))
         orchestrator.resume_pipeline(str(run_dir), None, None, False)
     assert [stage for stage, _ in launcher.launched] == ["pretrain"]  # not sft and reward after it
+
+
+def tracker_files(stage_dir: Path) -> tuple[str, str]:
+    return (stage_dir / "wandb_run_id").read_text(), (stage_dir / "metrics.jsonl").read_text()
+
+
+def test_a_new_config_starts_its_own_wandb_run_and_keeps_the_old_runs_history(tmp_path):
+    run_dir, new = tmp_path / "run", "pretrain.lr=2e-3"
+    stage_dir = run_dir / "pretrain"
+    with pytest.MonkeyPatch.context() as mp:
+        Launcher(mp, ("finish", [3, 6]), ("kill", [3]), ("finish", [6]))
+        run(run_dir)
+        old_hash, finished = checkpoints(stage_dir)["checkpoint-3"], tracker_files(stage_dir)
+        with pytest.raises(Killed):
+            run(run_dir, new)
+        attempt = tracker_files(stage_dir)
+        assert attempt[0] != finished[0]  # a W&B run of its own
+        assert tracker_files(stage_dir / "superseded" / old_hash) == finished  # the finished run's history, kept
+        run(run_dir, new)  # the killed rerun resumes: it continues its own W&B run
+    assert tracker_files(stage_dir)[0] == attempt[0]
+    assert tracker_files(stage_dir / "superseded" / old_hash) == finished
+
+
+def test_a_failed_rerun_puts_back_the_old_wandb_run_and_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    stage_dir = run_dir / "pretrain"
+    with pytest.MonkeyPatch.context() as mp:
+        Launcher(mp, ("finish", [3, 6]), ("half", [], 3), ("finish", [6]))
+        run(run_dir)
+        finished = tracker_files(stage_dir)
+        with pytest.raises(StageFailed):
+            run(run_dir, "pretrain.lr=2e-3")
+        assert tracker_files(stage_dir) == finished
+        run(run_dir, "pretrain.lr=3e-3")  # another config: the finished run's files move again, with their hash
+    assert tracker_files(stage_dir)[0] != finished[0]
