@@ -36,7 +36,8 @@ def results_path(rd: RunDir) -> Path:
 
 
 def find_policies(rd: RunDir, include_base: bool) -> dict[str, str]:
-    """Policy name -> final checkpoint dir: sft is required (it is the reference), ppo when complete."""
+    """Policy name -> final checkpoint dir: sft is required (it is the reference), ppo when complete and
+    trained from that sft."""
     if not rd.root.is_dir():
         raise UserError(f"{rd.root}: run dir not found")
     if completed_final(rd, "sft") is None:
@@ -47,11 +48,26 @@ def find_policies(rd: RunDir, include_base: bool) -> dict[str, str]:
             raise UserError(f"--include-base: {rd.final_dir('pretrain')}: no complete pretrain checkpoint")
         policies["pretrain"] = str(rd.final_dir("pretrain"))
     policies["sft"] = str(rd.final_dir("sft"))
-    if completed_final(rd, "ppo") is not None:
-        policies["ppo"] = str(rd.final_dir("ppo"))
-    else:
+    ppo = completed_final(rd, "ppo")
+    stale = ppo and stale_ppo(rd, ppo)
+    if ppo is None:
         print(f"[eval] note: no complete ppo checkpoint in {rd.final_dir('ppo')}; evaluating without it", flush=True)
+    elif stale:
+        print(f"[eval] note: ppo skipped: {stale}", flush=True)
+    else:
+        policies["ppo"] = str(rd.final_dir("ppo"))
     return policies
+
+
+def stale_ppo(rd: RunDir, ppo: dict[str, Any]) -> str | None:
+    """Why the run's ppo policy cannot be judged against its sft policy (None: it can): it was trained from
+    an earlier sft result than the one sft/final holds now (sft re-ran under another config since)."""
+    actor = (ppo.get("inputs") or {}).get("actor") or {}
+    sft_hash = (completed_final(rd, "sft") or {}).get("config_hash")
+    if actor.get("from_stage") != "sft" or actor.get("config_hash") == sft_hash:
+        return None
+    return (f"{rd.final_dir('ppo')} was trained from a different sft (config hash {actor.get('config_hash')}; "
+            f"{rd.final_dir('sft')} is now {sft_hash}); run the ppo stage again to evaluate it")
 
 
 def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None,
