@@ -33,3 +33,26 @@ def test_ppo_trained_from_an_earlier_sft_is_skipped_saying_why(tmp_path, capsys)
     assert find_policies(rd, include_base=False) == {"sft": str(rd.final_dir("sft"))}
     out = capsys.readouterr().out
     assert f"ppo skipped: {rd.final_dir('ppo')} was trained from a different sft (config hash s1;" in out, out
+
+
+def test_reused_ppo_evaluation_is_logged_once_however_often_run_ends(tmp_path, monkeypatch):
+    """A no-op `rlhf run` reuses the ppo stage's evaluation: results.json is already it, so no new W&B
+    eval run and no second eval/metrics.jsonl row."""
+    from pipeline.config import load_config
+    from pipeline.evaluation import rundir as evaluation
+    from tests.conftest import TINY
+
+    rd, cfg = RunDir(tmp_path), load_config(TINY)
+    publish(rd, "sft", "s1")
+    ppo_from(rd, "s1")
+    results = {"settings": {"baseline": "sft"}, "temperatures": {}, "verdicts": {},
+               "paths": {"sft": str(rd.final_dir("sft")), "ppo": str(rd.final_dir("ppo"))}}
+    logged = []
+    monkeypatch.setattr(evaluation, "held_out_prompts", lambda *a: ["a prompt"])
+    monkeypatch.setattr(evaluation, "check_judge", lambda *a: None)
+    monkeypatch.setattr(evaluation, "ppo_stage_evaluation", lambda *a: dict(results))
+    monkeypatch.setattr(evaluation, "log_results", lambda cfg, rd, results: logged.append(results))
+    for _ in range(3):
+        evaluation.evaluate_after_pipeline(rd, cfg)
+    assert len(logged) == 1
+    assert (rd.root / "eval" / "results.json").exists()
