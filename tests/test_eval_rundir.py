@@ -16,7 +16,8 @@ def publish(rd: RunDir, stage: str, config_hash: str, inputs: dict | None = None
 
 
 def ppo_from(rd: RunDir, sft_hash: str) -> None:
-    publish(rd, "ppo", "p1", {"actor": {"path": str(rd.final_dir("sft")), "from_stage": "sft", "config_hash": sft_hash}})
+    actor = {"path": str(rd.final_dir("sft")), "from_stage": "sft", "config_hash": sft_hash}
+    publish(rd, "ppo", "p1", {"actor": actor})
 
 
 def test_ppo_is_judged_against_the_sft_it_was_trained_from(tmp_path, capsys):

@@ -123,7 +123,8 @@ def test_a_killed_rerun_under_a_new_config_resumes_from_its_own_checkpoints(tmp_
         run(run_dir, *new)
     assert seen == [f"checkpoint-{steps[-1]}"]  # the launch resumed from the new config's newest checkpoint
     assert checkpoints(stage_dir / "superseded" / old_hash) == old  # the finished run's, each under its own hash
-    assert json.loads((stage_dir / "final" / "manifest.json").read_text())["config_hash"] == own["checkpoint-" + str(steps[0])]
+    final = json.loads((stage_dir / "final" / "manifest.json").read_text())
+    assert final["config_hash"] == own[f"checkpoint-{steps[0]}"]
 
 
 def test_configs_that_alternate_keep_every_superseded_checkpoint(tmp_path):
