@@ -10,12 +10,15 @@ from the same manifests and starts only its own node's launcher for each stage t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 
 from pipeline import movie_reviews
-from pipeline.checkpoint import atomic_write_text, check_resumable, complete_checkpoints, resume_point
+from pipeline.checkpoint import (CHECKPOINT_MARKERS, atomic_write_text, check_resumable, complete_checkpoints,
+                                 read_json, resume_point, write_json)
 from pipeline.config import STAGE_ORDER, PipelineConfig, config_to_yaml, load_config
 from pipeline.errors import StageFailed, UserError
 from pipeline.launch import (check_per_node, launcher_command, launcher_env, node_rank, release_shm, run_launcher,
@@ -25,6 +28,7 @@ from pipeline.preflight import (check_before_writing, check_run_dir_owner, prefl
 from pipeline.rundir import (RunDir, RunLock, completed_final, load_run_config, require_run_dir,
                              semantic_stage_config, stage_fingerprint, stage_inputs)
 from pipeline.status import fmt_metrics
+from pipeline.tracking import RUN_ID_FILE
 
 
 def default_run_dir(cfg: PipelineConfig) -> Path:
@@ -43,34 +47,127 @@ def select_stages(cfg: PipelineConfig, stages: str | None, option: str = "--stag
     return [s for s in STAGE_ORDER if s in names]
 
 
-def supersede_checkpoints(run_dir: RunDir, stage: str, old_hash: str) -> list[Path]:
-    """A finished stage re-runs under a new config: keep its old periodic checkpoints, out of the way.
+def checkpoint_hash(path: Path) -> str | None:
+    """The config hash in a periodic checkpoint's marker (None: no readable marker)."""
+    marker = next((read_json(path / name) for name in CHECKPOINT_MARKERS if (path / name).exists()), None)
+    return marker.get("config_hash") if isinstance(marker, dict) else None
 
-    They belong to the previous config, so the new run must not resume from them (nor save over their
-    step numbers), and deleting them would lose good checkpoints; they move to
-    `<stage>/superseded/<old hash>/`. Returns where they went, for `restore_superseded`.
+
+def free_dir(parent: Path, name: str, entries: list[str]) -> Path:
+    """`parent/name`, else `name.2`, `name.3`, ...: the first that holds none of `entries`, so a move never
+    lands on a directory that is there already (an earlier supersede of the same config)."""
+    target, n = parent / name, 1
+    while any((target / entry).exists() for entry in entries):
+        n += 1
+        target = parent / f"{name}.{n}"
+    return target
+
+
+# Which config a stage's metrics.jsonl and W&B run id belong to ({"config_hash": ...}), written before each
+# launch: when that config is superseded they move with its checkpoints, so the next config starts a W&B
+# run of its own and the old run's history is kept.
+ATTEMPT = "attempt.json"
+TRACKER_FILES = ("metrics.jsonl", RUN_ID_FILE, ATTEMPT)
+
+
+def tracker_owner(stage_dir: Path, finished_hash: str, fingerprint: str) -> str:
+    """The config hash the stage's tracker files belong to: its attempt.json's; in a run dir from before
+    that record, this config's if it saved checkpoints already (a killed rerun), else the finished run's."""
+    recorded = read_json(stage_dir / ATTEMPT)
+    if isinstance(recorded, dict) and recorded.get("config_hash"):
+        return recorded["config_hash"]
+    own = any(checkpoint_hash(p) == fingerprint for p in complete_checkpoints(stage_dir))
+    return fingerprint if own else finished_hash
+
+
+def supersede_checkpoints(run_dir: RunDir, stage: str, fingerprint: str, finished_hash: str) -> list[tuple[Path, Path]]:
+    """A finished stage (config hash `finished_hash`) re-runs under a new config: keep what other configs
+    left, out of the way.
+
+    Their periodic checkpoints must not be resumed (nor saved over) by the new run, and deleting them would
+    lose good checkpoints; each moves to `<stage>/superseded/<its config hash>/`, and so do the stage's
+    metrics.jsonl, wandb_run_id and attempt.json when they belong to another config (the new config logs a
+    W&B run of its own; the old history is kept). What belongs to the current config (`fingerprint`: a rerun
+    of it was killed) stays, and the stage resumes from it. Returns (where each was, where it went), for
+    `restore_superseded`.
     """
-    old = complete_checkpoints(run_dir.stage_dir(stage))
-    if not old:
-        return []
-    target = run_dir.stage_dir(stage) / "superseded" / old_hash
-    target.mkdir(parents=True, exist_ok=True)
-    for path in old:
-        os.replace(path, target / path.name)
-    print(f"[{stage}] config changed since the last finished run; its checkpoints moved to {target}", flush=True)
-    return [target / path.name for path in old]
-
-
-def restore_superseded(run_dir: RunDir, stage: str, moved: list[Path]) -> None:
-    """The new run failed before saving a checkpoint of its own: put the old ones back where they were, so a
-    failed run leaves the stage as it found it. (Once it has saved one, they stay under superseded/.)"""
     stage_dir = run_dir.stage_dir(stage)
-    if not moved or complete_checkpoints(stage_dir):
+    owner = tracker_owner(stage_dir, finished_hash, fingerprint)
+    by_hash: dict[str, list[Path]] = {}
+    for path in complete_checkpoints(stage_dir):
+        old_hash = checkpoint_hash(path) or "unknown"
+        if old_hash != fingerprint:
+            by_hash.setdefault(old_hash, []).append(path)
+    tracker = [stage_dir / name for name in TRACKER_FILES if (stage_dir / name).exists()]
+    if owner != fingerprint and tracker:
+        by_hash.setdefault(owner, []).extend(tracker)
+    moved = []
+    for old_hash, paths in by_hash.items():
+        target = free_dir(stage_dir / "superseded", old_hash, [p.name for p in paths])
+        target.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            os.replace(path, target / path.name)
+            moved.append((path, target / path.name))
+        checkpoints = any(p.name.startswith("checkpoint-") for p in paths)
+        metrics = ", ".join(p.name for p in paths if p in tracker)  # metrics.jsonl, wandb_run_id, attempt.json
+        what = f"its checkpoints moved to {target}" + (f" (and {metrics})" if metrics else "") if checkpoints \
+            else f"{metrics} moved to {target}"
+        print(f"[{stage}] config changed since the last finished run; {what}", flush=True)
+    return moved
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def restore_superseded(run_dir: RunDir, stage: str, moved: list[tuple[Path, Path]]) -> None:
+    """The new run failed before saving a checkpoint of its own: put back what `supersede_checkpoints` moved
+    (checkpoints, metrics.jsonl, W&B run id), so a failed run leaves the stage as it found it. (Once it has
+    saved one, they stay under superseded/.)
+
+    A checkpoint-N the failed run left half-written (no marker) where an old one goes back is removed first,
+    and so are the tracker files of the failed attempt. Called while the run's failure propagates: it never
+    raises, so that failure is the one shown."""
+    stage_dir = run_dir.stage_dir(stage)
+    try:
+        if not moved or complete_checkpoints(stage_dir):
+            return
+        if any(original.name in TRACKER_FILES for original, _ in moved):
+            for name in TRACKER_FILES:  # the failed attempt's: the old run's go back, or none was there
+                (stage_dir / name).unlink(missing_ok=True)
+        for original, path in moved:
+            if original.exists():
+                remove(original)
+            os.replace(path, original)
+            with contextlib.suppress(OSError):  # superseded/<hash>/, once empty
+                path.parent.rmdir()
+                path.parent.parent.rmdir()
+        print(f"[{stage}] failed before saving a checkpoint; the earlier run's checkpoints are back in {stage_dir}",
+              flush=True)
+    except Exception as err:
+        print(f"[{stage}] warning: could not put the earlier run's checkpoints back from {stage_dir / 'superseded'} "
+              f"({err}); they are still there", flush=True)
+
+
+def check_resume_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]) -> None:
+    """`rlhf run`, before config.yaml is written: the first selected stage that will run must not be about
+    to resume from a checkpoint of another config, so a command refused for that changes nothing (not even
+    the config `rlhf resume` reads). The same check `run_stages` makes before each launch; stages after the
+    first one that runs are checked there (their inputs are not made yet)."""
+    for stage in stages:
+        inputs = stage_inputs(cfg, stage, run_dir)  # every earlier selected stage is up to date: its manifest exists
+        fingerprint = stage_fingerprint(cfg, stage, inputs)
+        manifest = completed_final(run_dir, stage)
+        if manifest and manifest.get("config_hash") == fingerprint:
+            continue  # skipped
+        newest = None if manifest else resume_point(None, run_dir.stage_dir(stage))  # else: superseded ones move
+        if newest is not None:
+            check_resumable(newest, stage, fingerprint, semantic_stage_config(cfg, stage),
+                            cfg.stage_deepspeed(stage).world_size, force=False)
         return
-    for path in moved:
-        os.replace(path, stage_dir / path.name)
-    print(f"[{stage}] failed before saving a checkpoint; the earlier run's checkpoints are back in {stage_dir}",
-          flush=True)
 
 
 def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_from: dict[str, Path] | None = None,
@@ -99,11 +196,13 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         preflight_launch(cfg, stage, inputs)
         moved = []
         if manifest and stage not in resume_from and not follower:
-            moved = supersede_checkpoints(run_dir, stage, manifest["config_hash"])
+            moved = supersede_checkpoints(run_dir, stage, fingerprint, manifest["config_hash"])
         resume_from_here = resume_point(resume_from.get(stage), run_dir.stage_dir(stage))
         if resume_from_here is not None:  # the stage will resume from it: refuse a wrong one before the launch
             check_resumable(resume_from_here, stage, fingerprint, semantic_stage_config(cfg, stage), ds.world_size,
                             force_resume)
+        if not follower:  # what the tracker files logged from here on belong to
+            write_json(run_dir.stage_dir(stage) / ATTEMPT, {"config_hash": fingerprint})
         extra = ["--resume-from", str(resume_from[stage])] if stage in resume_from else []
         extra += ["--force-resume"] if force_resume else []
         cmd = launcher_command(ds, run_dir.root, stage, extra, node)
@@ -126,6 +225,18 @@ def run_stages(cfg: PipelineConfig, run_dir: RunDir, stages: list[str], resume_f
         finally:
             release_shm(int(cmd[cmd.index("--master_port") + 1]))
         print(f"[{stage}] done in {time.time() - started:.0f}s: {fmt_metrics(done.get('metrics', {}))}", flush=True)
+
+
+# The stages the last `rlhf run` selected (its --stages), so `rlhf resume` continues those and no others.
+SELECTED_STAGES = "stages.json"
+
+
+def recorded_stages(rd: RunDir, cfg: PipelineConfig) -> list[str]:
+    """The stages the last `rlhf run` in `rd` selected; every enabled stage in a run dir that has no record."""
+    recorded = read_json(rd.root / SELECTED_STAGES)
+    if isinstance(recorded, dict) and isinstance(recorded.get("stages"), list):
+        return [s for s in STAGE_ORDER if s in recorded["stages"]]
+    return cfg.enabled_stages()
 
 
 FOLLOW_TIMEOUT_S = 600.0
@@ -157,7 +268,9 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
         return rd
     with RunLock(rd):
         check_run_dir_owner(rd, cfg)
+        check_resume_before_writing(cfg, rd, selected)
         atomic_write_text(rd.config_path, config_to_yaml(cfg))
+        write_json(rd.root / SELECTED_STAGES, {"stages": selected})
         run_stages(cfg, rd, selected, node=node)
         if cfg.eval.enabled and completed_final(rd, "sft"):
             from pipeline.evaluation.rundir import evaluate_after_pipeline  # imports torch only when evaluating
@@ -167,12 +280,13 @@ def run_pipeline(config_path: str, overrides: list[str], stages: str | None, run
 
 
 def resume_pipeline(run_dir: str, stage: str | None, from_path: str | None, force: bool) -> RunDir:
-    """Continue a run with the config it was started with: finished stages are skipped."""
+    """Continue a run with the config it was started with, and (without `stage`) the stages its last
+    `rlhf run` selected: finished stages are skipped."""
     rd = require_run_dir(Path(run_dir))
     cfg = load_run_config(rd)
     if from_path is not None and stage is None:
         raise UserError("--from needs --stage (which stage the checkpoint belongs to)")
-    stages = select_stages(cfg, stage, "--stage") if stage is not None else cfg.enabled_stages()
+    stages = select_stages(cfg, stage, "--stage") if stage is not None else recorded_stages(rd, cfg)
     resume_from = {}
     if from_path is not None:
         path = Path(from_path)

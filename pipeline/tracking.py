@@ -108,6 +108,20 @@ def _row(line: str) -> dict[str, Any] | None:
     return row if isinstance(row, dict) and line.endswith("\n") else None
 
 
+RUN_ID_FILE = "wandb_run_id"
+
+
+def stage_run_id(stage_dir: Path) -> str:
+    """The stage's W&B run id: the one in `<stage>/wandb_run_id` (a resumed stage continues its run), else a
+    new one, written there. A stage re-run under a new config finds none: the orchestrator moved it to
+    `<stage>/superseded/<old hash>/` with the old run's checkpoints and metrics.jsonl."""
+    id_file = stage_dir / RUN_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    return run_id
+
+
 class NullTracker:
     run_id: str | None = None
 
@@ -133,10 +147,7 @@ class WandbTracker:
         self.stage = stage  # our lines start with `[stage]`: the terminal shows them (pipeline.launch)
         self.file = MetricsFile(stage_dir / "metrics.jsonl")
         self.mode = wandb_mode(cfg)
-        id_file = stage_dir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
+        run_id = stage_run_id(stage_dir)
         self.run_id = run_id
         settings = dict(
             project=cfg.project,

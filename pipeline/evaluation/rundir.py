@@ -7,11 +7,12 @@ terminal, and the tracker as a W&B run with job_type "eval".
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from pipeline import movie_reviews
-from pipeline.checkpoint import write_json
+from pipeline.checkpoint import read_json, write_json
 from pipeline.config import PipelineConfig
 from pipeline.errors import UserError
 from pipeline.evaluation.evaluate import (BASELINE, eval_settings, evaluate_policies, format_table,
@@ -36,7 +37,8 @@ def results_path(rd: RunDir) -> Path:
 
 
 def find_policies(rd: RunDir, include_base: bool) -> dict[str, str]:
-    """Policy name -> final checkpoint dir: sft is required (it is the reference), ppo when complete."""
+    """Policy name -> final checkpoint dir: sft is required (it is the reference), ppo when complete and
+    trained from that sft."""
     if not rd.root.is_dir():
         raise UserError(f"{rd.root}: run dir not found")
     if completed_final(rd, "sft") is None:
@@ -47,11 +49,26 @@ def find_policies(rd: RunDir, include_base: bool) -> dict[str, str]:
             raise UserError(f"--include-base: {rd.final_dir('pretrain')}: no complete pretrain checkpoint")
         policies["pretrain"] = str(rd.final_dir("pretrain"))
     policies["sft"] = str(rd.final_dir("sft"))
-    if completed_final(rd, "ppo") is not None:
-        policies["ppo"] = str(rd.final_dir("ppo"))
-    else:
+    ppo = completed_final(rd, "ppo")
+    stale = ppo and stale_ppo(rd, ppo)
+    if ppo is None:
         print(f"[eval] note: no complete ppo checkpoint in {rd.final_dir('ppo')}; evaluating without it", flush=True)
+    elif stale:
+        print(f"[eval] note: ppo skipped: {stale}", flush=True)
+    else:
+        policies["ppo"] = str(rd.final_dir("ppo"))
     return policies
+
+
+def stale_ppo(rd: RunDir, ppo: dict[str, Any]) -> str | None:
+    """Why the run's ppo policy cannot be judged against its sft policy (None: it can): it was trained from
+    an earlier sft result than the one sft/final holds now (sft re-ran under another config since)."""
+    actor = (ppo.get("inputs") or {}).get("actor") or {}
+    sft_hash = (completed_final(rd, "sft") or {}).get("config_hash")
+    if actor.get("from_stage") != "sft" or actor.get("config_hash") == sft_hash:
+        return None
+    return (f"{rd.final_dir('ppo')} was trained from a different sft (config hash {actor.get('config_hash')}; "
+            f"{rd.final_dir('sft')} is now {sft_hash}); run the ppo stage again to evaluate it")
 
 
 def held_out_prompts(cfg: PipelineConfig, rd: RunDir, num_prompts: int | None,
@@ -88,20 +105,35 @@ def evaluate_run(rd: RunDir, cfg: PipelineConfig, prompts: list[str], policies: 
     return publish(rd, cfg, results)
 
 
-def publish(rd: RunDir, cfg: PipelineConfig, results: dict[str, Any]) -> dict[str, Any]:
-    """Add the reward model's held-out accuracy; write results.json, print the table, log to the tracker."""
+def with_reward_model(rd: RunDir, results: dict[str, Any]) -> dict[str, Any]:
+    """Add the reward model's held-out accuracy (in place; returns `results`)."""
     reward = completed_final(rd, "reward")
     results["reward_model"] = reward and {
         "path": str(rd.final_dir("reward")),
         "eval_accuracy": reward.get("metrics", {}).get("eval_accuracy"),  # held-out preference pairs
     }
-    write_json(results_path(rd), results)
+    return results
+
+
+def print_results(results: dict[str, Any]) -> None:
     print(format_table(results))
     if results["reward_model"] and results["reward_model"]["eval_accuracy"] is not None:
         print(f"reward model held-out pair accuracy: {results['reward_model']['eval_accuracy']:.4f}")
+
+
+def publish(rd: RunDir, cfg: PipelineConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """Add the reward model's held-out accuracy; write results.json, print the table, log to the tracker."""
+    with_reward_model(rd, results)
+    write_json(results_path(rd), results)
+    print_results(results)
     log_results(cfg, rd, results)
     print(f"[eval] results: {results_path(rd)}", flush=True)
     return results
+
+
+def already_published(rd: RunDir, results: dict[str, Any]) -> bool:
+    """Whether results.json holds exactly `results` (as written: JSON, reward model included)."""
+    return read_json(results_path(rd)) == json.loads(json.dumps(results, default=str))
 
 
 def ppo_stage_evaluation(rd: RunDir, cfg: PipelineConfig, n_prompts: int) -> dict[str, Any] | None:
@@ -198,6 +230,11 @@ def evaluate_after_pipeline(rd: RunDir, cfg: PipelineConfig) -> None:
         # The same policies, prompts, seeds and settings give the same numbers: do not generate twice.
         print(f"[eval] the ppo stage already evaluated sft and ppo on these {len(prompts)} prompts with these "
               "settings; reusing its results (`rlhf eval` regenerates)", flush=True)
-        publish(rd, cfg, reused)
+        results = with_reward_model(rd, dict(reused))
+        if already_published(rd, results):  # an earlier `rlhf run` published them: log no second eval run
+            print_results(results)
+            print(f"[eval] results (unchanged): {results_path(rd)}", flush=True)
+            return
+        publish(rd, cfg, results)
         return
     evaluate_run(rd, cfg, prompts, find_policies(rd, include_base=False))
