@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--run-dir", help="run dir whose finished stages supply inputs (default: "
                                         "<run.output_dir>/<run.name>)")
 
-    resume = sub.add_parser("resume", help="continue a run dir: skip finished stages, resume the interrupted one")
+    resume = sub.add_parser("resume", help="continue a run dir: the stages its last `rlhf run` selected, finished ones skipped")
     resume.add_argument("run_dir")
     resume.add_argument("--stage", help="resume only this stage")
     resume.add_argument("--from", dest="from_path", help="checkpoint dir to resume the stage from")

@@ -6,6 +6,9 @@
       <stage>/final/         hand-off checkpoint + manifest.json
       <stage>/checkpoint-N/  periodic resumable checkpoints
       <stage>/logs/          launcher output
+      <stage>/attempt.json   which config the stage's metrics.jsonl and wandb_run_id belong to
+      <stage>/superseded/<hash>/  another config's checkpoints and tracker files (pipeline/supersede.py)
+      stages.json            the stages the last `rlhf run` selected, which `rlhf resume` continues
 
 A stage finds its input only through the previous stage's final manifest, unless the config
 names the input explicitly.
