@@ -82,7 +82,7 @@ def supersede_checkpoints(run_dir: RunDir, stage: str, fingerprint: str, finishe
         metrics = ", ".join(p.name for p in paths if p in tracker)  # metrics.jsonl, wandb_run_id, attempt.json
         what = f"its checkpoints moved to {target}" + (f" (and {metrics})" if metrics else "") if checkpoints \
             else f"{metrics} moved to {target}"
-        print(f"[{stage}] config changed since the last finished run; {what}", flush=True)
+        print(f"[{stage}] config or data changed since the last finished run; {what}", flush=True)
     return moved
 
 

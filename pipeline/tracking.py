@@ -133,6 +133,7 @@ class NullTracker:
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None) -> None: ...
     def summary(self, metrics: dict[str, Any]) -> None: ...
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any]) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -145,6 +146,8 @@ class WandbTracker:
         self._wandb = wandb
         self._warned = False
         self.stage = stage  # our lines start with `[stage]`: the terminal shows them (pipeline.launch)
+        self.run_name = run_name
+        self.log_artifacts = cfg.log_checkpoint_artifact
         self.file = MetricsFile(stage_dir / "metrics.jsonl")
         self.mode = wandb_mode(cfg)
         run_id = stage_run_id(stage_dir)
@@ -197,6 +200,20 @@ class WandbTracker:
 
     def summary(self, metrics: dict[str, Any]) -> None:
         self._guard(lambda: self.run.summary.update(metrics))
+
+    def log_checkpoint(self, path: Path, metadata: dict[str, Any]) -> None:
+        """With `tracking.log_checkpoint_artifact`: the stage's hand-off as a W&B model artifact, by reference
+        (W&B records the path and the metadata; nothing is read or uploaded, however big the model)."""
+        if not self.log_artifacts:
+            return
+
+        def log() -> None:
+            name = re.sub(r"[^\w.-]", "-", f"{self.run_name}-{self.stage}")  # what W&B allows in a name
+            artifact = self._wandb.Artifact(name, type="model", metadata=metadata)
+            artifact.add_reference(path.resolve().as_uri(), checksum=False)
+            self.run.log_artifact(artifact)
+
+        self._guard(log)
 
     def finish(self) -> None:
         self._guard(self.run.finish)

@@ -125,6 +125,8 @@ def run_stage(run_dir: RunDir, stage: str, stage_run: StageRun, resume_from: Pat
         write_json(ctx.staging_final / "manifest.json", manifest)
         publish_dir(ctx.staging_final, run_dir.final_dir(stage))
         tracker.summary({f"final/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        tracker.log_checkpoint(run_dir.final_dir(stage), {"stage": stage, "config_hash": fingerprint,
+                                                          "run_name": cfg.run.name})
     tracker.finish()
     barrier(finishing)
     import torch.distributed as dist

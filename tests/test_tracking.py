@@ -150,7 +150,7 @@ def pipeline_run(tmp_path_factory) -> tuple[Path, str]:
     """tiny.yaml (pretrain, SFT, reward) with W&B offline: (run dir, CLI output)."""
     root = tmp_path_factory.mktemp("pipeline")
     run_dir = root / "run"
-    return run_dir, rlhf(TINY, run_dir, *WANDB)
+    return run_dir, rlhf(TINY, run_dir, *WANDB, "tracking.log_checkpoint_artifact=true")
 
 
 PPO = dict(eval_enabled=False, max_steps=4)
@@ -219,6 +219,21 @@ def test_summary_holds_the_final_manifest_metrics(pipeline_run):
         assert metrics, stage
         for key, value in metrics.items():
             assert summary.get(f"final/{key}") == pytest.approx(value), f"{stage}: final/{key}"
+
+
+def test_each_final_checkpoint_is_a_model_artifact_by_reference(pipeline_run):
+    """`tracking.log_checkpoint_artifact`: each stage's run logs its final/ as a model artifact that points at
+    the directory (nothing uploaded), with the config hash that produced it."""
+    run_dir, _ = pipeline_run
+    for stage in TRAINER_STAGES:
+        [run] = offline_runs(run_dir / stage)
+        [artifact] = [r.artifact for r in records(next(run.dir.glob("run-*.wandb")))
+                      if r.WhichOneof("record_type") == "artifact"]
+        assert (artifact.name, artifact.type) == (f"tiny-{stage}", "model")  # run.name, stage
+        assert json.loads(artifact.metadata)["config_hash"] == manifest(run_dir, stage)["config_hash"]
+        final = (run_dir / stage / "final").resolve()
+        refs = {entry.ref for entry in artifact.manifest.contents}  # one per file, pointing into final/
+        assert refs == {f.as_uri() for f in final.rglob("*") if f.is_file()} and "model.safetensors" in str(refs)
 
 
 def test_offline_run_prints_how_to_sync(pipeline_run):
