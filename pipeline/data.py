@@ -250,10 +250,12 @@ def split_key(what: str, split: str) -> str:
     return what if "." in what else f"{what}.data.{'split' if split == 'train' else 'eval_split'}"
 
 
-def check_first_row(data: DataSection, stage: str, what: str) -> None:
+def check_first_row(data: DataSection, stage: str, what: str) -> dict[str, dict[str, Any]]:
     """Before anything is written or launched: each local data file of a stage is UTF-8 text (JSONL, JSON,
     CSV), each dataset folder has the split the stage reads, and the first row fits one of the stage's formats
-    (the stage itself checks every row before training). Hub names and the demo's splits are left to the stage."""
+    (the stage itself checks every row before training). Hub names and the demo's splits are left to the stage.
+    Returns the first rows checked, by split, as the stage will see them."""
+    checked = {}
     for split in ("train", "eval"):
         source = data.train if split == "train" else data.eval
         if not source or source.startswith(movie_reviews.PREFIX):
@@ -269,7 +271,8 @@ def check_first_row(data: DataSection, stage: str, what: str) -> None:
         if first is None:
             continue  # a JSON document this check does not parse alone: the stage reads it whole
         row = renamed(first, data.columns)
-        schemas.normalise(stage, row_format(data, stage, row, str(path), what), [row], str(path))
+        checked[split] = schemas.normalise(stage, row_format(data, stage, row, str(path), what), [row], str(path))[0]
+    return checked
 
 
 def first_row_of_folder(path: Path, split: str, what: str, split_key: str) -> dict[str, Any]:

@@ -255,6 +255,29 @@ def preflight_launch(cfg: PipelineConfig, stage: str, inputs: dict[str, Any]) ->
                         "(HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set, or huggingface.co cannot be reached)")
 
 
+def has_chat_template(tokenizer_dir: Path) -> bool:
+    """What transformers reads a chat template from: chat_template.jinja/.json, or tokenizer_config.json's key."""
+    if (tokenizer_dir / "chat_template.jinja").exists() or (tokenizer_dir / "chat_template.json").exists():
+        return True
+    config = read_json(tokenizer_dir / "tokenizer_config.json")
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def check_chat_template(cfg: PipelineConfig, stage: str, inputs: dict[str, Any], first_rows: dict[str, Any]) -> None:
+    """Rows of chat turns are rendered by the tokenizer's chat template: one that has none is refused now, not
+    after the launch (and after the earlier stages trained). Only a model dir that exists now is read."""
+    chat = [split for split, row in first_rows.items() if any(isinstance(v, list) for v in row.values())]
+    for key in TOKENIZER_FROM[stage] if chat else ():
+        path = (inputs.get(key) or {}).get("path")
+        local = Path(path).expanduser() if path else None
+        if local is not None and (local / "config.json").exists() and any(
+                (local / name).exists() for name in TOKENIZER_FILES) and not has_chat_template(local):
+            source = getattr(cfg.stage(stage).data, chat[0])
+            raise UserError(f"{stage}.data.{chat[0]}: {source}: rows are chat turns, but the tokenizer of "
+                            f"{INPUT_KEYS[stage][key]} ({local}) has no chat template; give it one "
+                            "(tokenizer.chat_template) or use plain strings")
+
+
 def check_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]) -> None:
     """Everything that can be checked without training, for every selected stage, before `rlhf run`
     writes config.yaml or launches: the run dir, data files and their first rows, the judge, and the
@@ -266,4 +289,5 @@ def check_before_writing(cfg: PipelineConfig, run_dir: RunDir, stages: list[str]
         inputs = stage_inputs(cfg, stage, run_dir, upcoming=stages[:i])  # without what an earlier stage makes
         preflight(cfg, stage, run_dir, inputs)
         preflight_launch(cfg, stage, inputs)
-        check_first_row(cfg.stage(stage).data, stage, stage)
+        first_rows = check_first_row(cfg.stage(stage).data, stage, stage)
+        check_chat_template(cfg, stage, inputs, first_rows)

@@ -294,6 +294,13 @@ CASES = [
          "positions (config.json); set at most 512",
          make=model_dir("gpt", '{"model_type": "gpt2", "vocab_size": 8, "n_positions": 512, "num_labels": 1}',
                         tokenizer=True)),
+    Case("chat-rows-for-a-tokenizer-without-a-template", "run tiny.yaml --run-dir new --stages sft sft.input=plain "
+         "sft.data.train=chats.jsonl",
+         "sft.data.train: chats.jsonl: rows are chat turns, but the tokenizer of sft.input (plain) has no chat "
+         "template; give it one (tokenizer.chat_template) or use plain strings",
+         files={"chats.jsonl": '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", '
+                               '"content": "Hello."}]}\n'},
+         make=model_dir("plain", '{"model_type": "llama", "vocab_size": 8}', tokenizer=True)),
     Case("tokenizer-path-missing", "run tiny.yaml --run-dir new pretrain.tokenizer=/nonexistent/tokenizer",
          "pretrain.tokenizer: path not found: /nonexistent/tokenizer"),
     Case("model-hub-id-offline", "run tiny.yaml --run-dir new sft.input=some-org/some-model",
