@@ -102,20 +102,25 @@ def test_zero3_offload_keeps_parameters_and_optimizer_state_on_the_cpu(tiny, tmp
     config = write_config(tmp_path / "ppo.yaml", tiny, deepspeed={"config": "zero3_offload", "num_gpus": 1},
                           eval_enabled=False, data={"train": str(prompts), "eval": str(prompts)},
                           rollout_batch_size=4, minibatch_size=4, ppo_epochs=1, max_steps=1, save_steps=None)
-    reports: list = []
+    engines: dict = {}  # as the stage held them after training (it lets go of them before its evaluation)
+    sharding_report = trainer.sharding_report
+
+    def keep_engines(models, values):
+        engines.update({name: getattr(models, name) for name in ("actor", "critic", "reference", "reward")})
+        return sharding_report(models, values)
+
     with launcher_in_process() as mp:
-        spy(mp, trainer, "sharding_report", reports)
+        mp.setattr(trainer, "sharding_report", keep_engines)
         run_pipeline(str(config), [], "ppo", str(tmp_path / "run"))
-    [((models, _), _, _)] = reports
 
     for name in ("actor", "critic"):  # trained: ZeRO-3 with both offloads, stepping DeepSpeedCPUAdam
-        engine = getattr(models, name)
+        engine = engines[name]
         assert engine.zero_optimization_stage() == 3, name
         assert engine.optimizer.offload_optimizer and engine.optimizer.offload_param, name
         assert {t.device.type for t in engine.optimizer.fp32_partitioned_groups_flat} == {"cpu"}, name
         assert_steps_on_cpu_adam(engine, steps=1)
     for name in ("actor", "critic", "reference", "reward"):  # frozen ones follow the actor's parameter offload
-        engine = getattr(models, name)
+        engine = engines[name]
         assert engine.zero_optimization_stage() == 3, name
         assert engine.zero_offload_param().device == "cpu", name
         offloaded = [p.ds_tensor for p in engine.module.parameters() if not p.ds_persist]

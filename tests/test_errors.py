@@ -178,7 +178,7 @@ def _no_template(tokenizer) -> None:
     # found from config.json and the tokenizer before anything launches
     (_more_tokens, None, ["sft.input:", "its tokenizer has 403 tokens but its config.json vocab_size is 400"]),
     (_no_template, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
-     ["stage 'sft' failed", "rows are chat turns", "has no chat template"]),
+     ["sft.data.train", "rows are chat turns", "has no chat template"]),  # before the launch (preflight)
 ], ids=["vocab-above-embeddings", "no-chat-template"])
 def test_model_tokenizer_mismatch_is_refused(run_dir, rlhf_here, tmp_path, pretrained, edit, data, culprits):
     model = model_variant(pretrained, tmp_path / "model", tokenizer_edit=edit)
