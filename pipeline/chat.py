@@ -8,7 +8,8 @@ adds, its end-of-turn marker included, are the ones SFT learns to write.
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 from pipeline.errors import DataError
 from pipeline.schemas import Prompt, Turn, prompt_turns
@@ -57,15 +58,21 @@ def encode_conversation(tokenizer, turns: list[Turn]) -> dict[str, list[int]] | 
     return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
 
 
-def check_template_renders(tokenizer, conversations: Iterable[list[Turn]], source: str, field: str) -> None:
-    """Render every row's turns once: a chat template that refuses them (Gemma's "System role not supported",
-    Llama-2's and Mistral's "roles must alternate") is one line naming the row, not a traceback from inside
-    the trainer after the launch."""
+@contextlib.contextmanager
+def template_errors_named(tokenizer, source: str, row: int, field: str) -> Iterator[None]:
+    """A chat template that refuses a row's turns (Gemma's "System role not supported", Llama-2's and Mistral's
+    "roles must alternate") is one line naming the row, not a jinja2 traceback from inside the trainer."""
     from jinja2 import TemplateError
 
+    try:
+        yield
+    except TemplateError as err:
+        raise DataError(f"{source}: row {row}: the chat template of {tokenizer.name_or_path} refuses the turns "
+                        f"of field '{field}': {err}") from None
+
+
+def check_template_renders(tokenizer, conversations: Iterable[list[Turn]], source: str, field: str) -> None:
+    """Render every row's turns once, for rows the trainer renders itself (TRL's prompt/completion and pairs)."""
     for i, turns in enumerate(conversations):
-        try:
+        with template_errors_named(tokenizer, source, i + 1, field):
             tokenizer.apply_chat_template(turns, tokenize=False)
-        except TemplateError as err:
-            raise DataError(f"{source}: row {i + 1}: the chat template of {tokenizer.name_or_path} refuses the turns "
-                            f"of field '{field}': {err}") from None

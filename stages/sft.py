@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.context import StageContext
-from pipeline.chat import check_template_renders, encode_conversation
+from pipeline.chat import check_template_renders, encode_conversation, template_errors_named
 from pipeline.data import StageRows, load_stage_rows
 from pipeline.errors import DataError, UserError
 from pipeline.hf_training import (checkpoint_callbacks, perplexity, resume_checkpoint, run_training, save_final,
@@ -43,7 +43,8 @@ def conversations(rows, tokenizer, source: str):
 
     encoded = []
     for i, turns in enumerate(rows["messages"]):
-        row = encode_conversation(tokenizer, turns)
+        with template_errors_named(tokenizer, source, i + 1, "messages"):  # rendered here, once
+            row = encode_conversation(tokenizer, turns)
         if row is None:
             raise DataError(f"{source}: row {i + 1}: field 'messages' has no assistant turn that follows another turn "
                             "and that the chat template renders as a prefix of the whole conversation")
@@ -60,7 +61,6 @@ def training_rows(data: StageRows, tokenizer):
         raise UserError(f"{data.source}: rows are chat turns, but the tokenizer of sft.input ({tokenizer.name_or_path}) "
                         "has no chat template; give it one (tokenizer.chat_template) or use prompt/completion strings")
     if fmt == "messages":
-        check_template_renders(tokenizer, rows["messages"], data.source, "messages")
         return conversations(rows, tokenizer, data.source)
     if fmt == "prompt_completion" and tokenizer.chat_template:
         rows = rows if conversational else as_chat(rows)
